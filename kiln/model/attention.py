@@ -1,0 +1,91 @@
+"""Paged attention: per-step metadata, writing new K/V into the block pool, and the torch reference.
+
+The reference path gathers each sequence's keys through its block table into a padded batch and runs
+one masked SDPA call for the whole batch (prefills, prompt chunks, prefix-cache hits and decodes
+alike): no Python loop over sequences, no host synchronization. It is the CPU path and the oracle the
+GPU kernels are tested against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Everything attention needs for one step, as device tensors built by the model runner."""
+
+    slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) per token
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0
+    seq_lens: torch.Tensor  # [B] int64: context length of each sequence after this step
+    query_pos: torch.Tensor  # [B, max_q] int64: absolute position of each query, 0 for padding
+    query_index: torch.Tensor  # [T] int64: where each flat token goes in the [B * max_q] padded batch
+    max_q: int
+    max_kv: int  # max_blocks * block_size
+    sliding_window: int | None = None
+
+    def key_mask(self) -> torch.Tensor:
+        """[B, 1, max_q, max_kv] bool: which keys each query may attend to."""
+        kpos = torch.arange(self.max_kv, device=self.query_pos.device)
+        q = self.query_pos[:, :, None]
+        mask = (kpos[None, None, :] <= q) & (kpos[None, None, :] < self.seq_lens[:, None, None])
+        if self.sliding_window is not None:
+            mask &= q - kpos[None, None, :] < self.sliding_window
+        return mask[:, None]
+
+
+class _Context(threading.local):
+    meta: AttentionMetadata | None = None
+
+
+_CTX = _Context()
+
+
+@contextlib.contextmanager
+def attention_context(meta: AttentionMetadata) -> Iterator[AttentionMetadata]:
+    """Make `meta` the ambient metadata of one forward pass; nesting is a bug and is refused."""
+    if _CTX.meta is not None:
+        raise RuntimeError("attention_context is already active; forward passes cannot nest")
+    _CTX.meta = meta
+    try:
+        yield meta
+    finally:
+        _CTX.meta = None
+
+
+def current_metadata() -> AttentionMetadata:
+    if _CTX.meta is None:
+        raise RuntimeError("no attention metadata: run the model inside attention_context()")
+    return _CTX.meta
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store [T, kv_heads, head_dim] keys/values at their slots of [blocks, block_size, kv_heads, hd]."""
+    kv_heads, hd = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, hd).index_copy_(0, slot_mapping, k)
+    v_cache.view(-1, kv_heads, hd).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """Attention of flat queries [T, heads, hd] over the paged cache; returns [T, heads, hd]."""
+    t, heads, hd = q.shape
+    b = meta.seq_lens.shape[0]
+    kv_heads = k_cache.shape[-2]
+    qp = q.new_zeros(b * meta.max_q, heads, hd).index_copy_(0, meta.query_index, q)
+    qp = qp.view(b, meta.max_q, heads, hd).transpose(1, 2)
+    keys = k_cache[meta.block_tables].reshape(b, meta.max_kv, kv_heads, hd).transpose(1, 2)
+    values = v_cache[meta.block_tables].reshape(b, meta.max_kv, kv_heads, hd).transpose(1, 2)
+    if kv_heads != heads:
+        rep = heads // kv_heads
+        keys = keys.repeat_interleave(rep, dim=1)
+        values = values.repeat_interleave(rep, dim=1)
+    out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=meta.key_mask(), scale=scale)
+    return out.transpose(1, 2).reshape(b * meta.max_q, heads, hd).index_select(0, meta.query_index)

@@ -1,0 +1,90 @@
+"""The engine step: schedule → execute → update. Everything else is a helper around it."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kiln.engine.model_runner import ModelRunner, TokenLogprobs
+from kiln.engine.request import FinishReason, Request
+from kiln.engine.scheduler import Scheduler, SchedulerConfig
+from kiln.engine_dir import EngineManifest, read_manifest, verify_weights
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """Runtime choices made at load; the engine directory fixes everything else."""
+
+    device: str | None = None  # None: cuda if available, else cpu
+    kv_cache_memory: int | None = None  # bytes; None: a fraction of free device memory
+    kv_cache_fraction: float = 0.9
+    max_num_seqs: int | None = None  # None: the profile's max batch size
+    max_num_tokens: int | None = None  # None: the profile's per-step token budget
+    enable_prefix_caching: bool = True
+    skip_verify: bool = False
+
+
+@dataclass
+class TokenEvent:
+    """A request's new token from one step, and its finish if this step ended it."""
+
+    request: Request
+    token_id: int
+    logprobs: TokenLogprobs | None
+    finish_reason: FinishReason | None
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name:
+        return torch.device(name)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class EngineCore:
+    def __init__(self, engine_dir: str | Path, options: EngineOptions = EngineOptions()):
+        t0 = time.perf_counter()
+        self.options = options
+        self.manifest: EngineManifest = read_manifest(engine_dir)
+        if not options.skip_verify:
+            verify_weights(self.manifest)
+        profile = self.manifest.profile
+        self.runner = ModelRunner(self.manifest, pick_device(options.device),
+                                  options.kv_cache_memory, options.kv_cache_fraction)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_num_seqs=min(options.max_num_seqs or profile.max_batch_size, profile.max_batch_size),
+            max_num_tokens=min(options.max_num_tokens or profile.max_num_tokens, profile.max_num_tokens),
+            max_seq_len=profile.max_seq_len,
+            block_size=profile.block_size,
+            num_blocks=self.runner.num_blocks,
+            enable_prefix_caching=options.enable_prefix_caching,
+        ))
+        self.num_steps = 0
+        self.load_seconds = time.perf_counter() - t0
+
+    def add_request(self, req: Request) -> None:
+        self.scheduler.add_request(req)
+
+    def abort(self, request_id: str) -> Request | None:
+        return self.scheduler.abort(request_id)
+
+    def finish(self, request_id: str, reason: FinishReason, stop_reason: int | str | None = None):
+        return self.scheduler.finish(request_id, reason, stop_reason)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def step(self) -> list[TokenEvent]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.runner.execute(out)
+        finished = {r.request_id for r in self.scheduler.update(out, result.token_ids)}
+        self.num_steps += 1
+        sampling = [c.request for c in out.chunks if c.samples]
+        return [
+            TokenEvent(req, tok, lp, req.finish_reason if req.request_id in finished else None)
+            for req, tok, lp in zip(sampling, result.token_ids, result.logprobs)
+        ]

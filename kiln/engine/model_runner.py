@@ -1,0 +1,137 @@
+"""Owns the model, the KV pool and the sampler on one device; runs one scheduled step."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kiln.engine.input_batch import ChunkSpec, prepare_inputs
+from kiln.engine.request import Request
+from kiln.engine.sampler import Sampler
+from kiln.engine.sampling_metadata import SamplingMetadata
+from kiln.engine.scheduler_output import SchedulerOutput
+from kiln.engine_dir import EngineManifest, load_weights
+from kiln.errors import EngineLoadError
+from kiln.model.attention import attention_context
+from kiln.model.layers import rope_cos_sin
+from kiln.model.llama import LlamaModel
+
+CPU_DEFAULT_KV_BYTES = 2 << 30  # the CPU pool never takes more than this unless asked
+CPU_DEFAULT_KV_FRACTION = 0.2  # ... nor more than this share of available memory
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float
+    top: list[tuple[int, float]]  # alternatives, best first
+
+
+@dataclass
+class RunnerOutput:
+    """One entry per sampling chunk, in chunk order."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprobs | None]
+
+
+def _tokens(req: Request, start: int, end: int) -> list[int]:
+    p = req.num_prompt_tokens
+    if end <= p:
+        return req.prompt_token_ids[start:end]
+    if start >= p:
+        return req.output_token_ids[start - p : end - p]
+    return req.prompt_token_ids[start:] + req.output_token_ids[: end - p]
+
+
+def _available_host_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class ModelRunner:
+    def __init__(self, manifest: EngineManifest, device: torch.device,
+                 kv_cache_memory: int | None = None, kv_cache_fraction: float = 0.9):
+        t0 = time.perf_counter()
+        self.manifest = manifest
+        self.cfg = cfg = manifest.model
+        self.profile = manifest.profile
+        self.device = device
+        self.dtype = manifest.torch_dtype
+        weights = load_weights(manifest, device)
+        with torch.device("meta"):
+            model = LlamaModel(cfg)
+        model.load_state_dict(weights, assign=True, strict=True)
+        self.model = model.eval()
+        self.weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
+        self.rope_table = rope_cos_sin(cfg, self.profile.max_seq_len, device)
+        self.block_size = self.profile.block_size
+        self.num_blocks = self._plan_num_blocks(kv_cache_memory, kv_cache_fraction)
+        self.kv_caches = torch.zeros(
+            cfg.num_layers, 2, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim,
+            dtype=self.dtype, device=device,
+        )
+        self.sampler = Sampler()
+        self.load_seconds = time.perf_counter() - t0
+
+    @property
+    def block_bytes(self) -> int:
+        elt = torch.empty((), dtype=self.dtype).element_size()
+        return self.cfg.kv_bytes_per_token(elt) * self.block_size
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return self.num_blocks * self.block_bytes
+
+    def _plan_num_blocks(self, kv_cache_memory: int | None, fraction: float) -> int:
+        """Blocks that fit the budget, capped at what the shape profile can ever use (+1 null block)."""
+        if kv_cache_memory is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                kv_cache_memory = int(free * fraction)
+            else:
+                avail = _available_host_memory()
+                kv_cache_memory = min(CPU_DEFAULT_KV_BYTES, int(avail * CPU_DEFAULT_KV_FRACTION))
+        usable = self.profile.max_batch_size * self.profile.max_blocks_per_seq
+        blocks = min(kv_cache_memory // self.block_bytes, usable + 1)
+        if blocks < 2:
+            raise EngineLoadError(
+                f"KV cache budget of {kv_cache_memory} bytes holds no block "
+                f"(one block of {self.block_size} tokens takes {self.block_bytes} bytes)"
+            )
+        return int(blocks)
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        chunks = out.chunks
+        specs = [ChunkSpec(_tokens(c.request, c.start, c.end), c.start, c.request.block_ids)
+                 for c in chunks]
+        inputs = prepare_inputs(specs, self.block_size, self.device, self.cfg.sliding_window)
+        with attention_context(inputs.attn):
+            hidden = self.model(inputs.input_ids, inputs.positions, self.rope_table, self.kv_caches)
+        rows = [i for i, c in enumerate(chunks) if c.samples]
+        if not rows:
+            return RunnerOutput([], [])
+        sel = inputs.logits_indices[torch.tensor(rows, device=self.device)] if len(rows) < len(
+            chunks) else inputs.logits_indices
+        logits = self.model.compute_logits(hidden.index_select(0, sel))
+        reqs = [chunks[i].request for i in rows]
+        meta = SamplingMetadata.build(reqs, logits.shape[-1], self.device)
+        sampled = self.sampler(logits, meta)
+        token_ids = sampled.token_ids.tolist()  # the step's one host synchronization
+        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        if any(r.params.logprobs is not None for r in reqs):
+            chosen = sampled.logprobs.tolist()
+            top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
+            top_lps = sampled.top_logprobs.tolist() if sampled.top_logprobs is not None else None
+            for i, r in enumerate(reqs):
+                k = r.params.logprobs
+                if k is None:
+                    continue
+                top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids else []
+                logprobs[i] = TokenLogprobs(chosen[i], top)
+        return RunnerOutput(token_ids, logprobs)

@@ -1,0 +1,93 @@
+"""Turns the engine's token events into text: incremental detokenization and stop strings.
+
+It sits outside the engine step (in the offline LLM here; in the API process when serving), and tells
+the engine to finish a request when a stop string appears.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kiln.engine.core import TokenEvent
+from kiln.engine.detokenizer import IncrementalDetokenizer
+from kiln.engine.request import FinishReason, Request
+from kiln.outputs import CompletionOutput, RequestMetrics, TokenLogprob
+from kiln.tokenizer import Tokenizer
+
+
+@dataclass
+class _Tracked:
+    request: Request
+    index: int
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class Delta:
+    """New text and tokens of one choice since the last delta; `finish_reason` set when it ended."""
+
+    request_id: str
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+
+
+def metrics_of(req: Request) -> RequestMetrics:
+    return RequestMetrics(req.arrival_time, req.first_scheduled_time, req.first_token_time,
+                          req.finished_time, req.num_prompt_tokens, req.num_cached_tokens,
+                          req.num_preemptions)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer,
+                 finish_request: Callable[[str, FinishReason, int | str | None], object]):
+        self.tokenizer = tokenizer
+        self._finish_request = finish_request
+        self._tracked: dict[str, _Tracked] = {}
+
+    def track(self, req: Request, index: int) -> None:
+        detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params)
+        lps = [] if req.params.logprobs is not None else None
+        self._tracked[req.request_id] = _Tracked(req, index, detok, logprobs=lps)
+
+    def process(self, events: list[TokenEvent]) -> list[Delta]:
+        deltas = []
+        for ev in events:
+            t = self._tracked.get(ev.request.request_id)
+            if t is None or t.finish_reason is not None:
+                continue  # a token generated after a stop string already ended the choice
+            t.token_ids.append(ev.token_id)
+            if t.logprobs is not None and ev.logprobs is not None:
+                t.logprobs.append(TokenLogprob(ev.token_id, ev.logprobs.logprob, ev.logprobs.top))
+            d = t.detok.add_tokens([ev.token_id])
+            text = d.text
+            if d.stop_string is not None:
+                t.finish_reason, t.stop_reason = FinishReason.STOP.value, d.stop_string
+                if ev.finish_reason is None:
+                    self._finish_request(ev.request.request_id, FinishReason.STOP, d.stop_string)
+            elif ev.finish_reason is not None:
+                text += t.detok.finish()
+                t.finish_reason = ev.finish_reason.value
+                t.stop_reason = ev.request.stop_reason
+            if t.finish_reason is not None and t.request.finished_time is None:
+                t.request.finished_time = time.monotonic()
+            deltas.append(Delta(ev.request.request_id, t.index, text, [ev.token_id], t.finish_reason))
+        return deltas
+
+    def mark_aborted(self, request_id: str) -> None:
+        t = self._tracked.get(request_id)
+        if t is not None and t.finish_reason is None:
+            t.finish_reason = FinishReason.ABORT.value
+            t.request.finished_time = time.monotonic()
+
+    def result(self, request_id: str) -> CompletionOutput:
+        t = self._tracked.pop(request_id)
+        return CompletionOutput(t.index, t.detok.output_text, t.token_ids, t.finish_reason,
+                                t.stop_reason, t.logprobs, metrics_of(t.request))

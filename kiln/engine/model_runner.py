@@ -76,6 +76,8 @@ class ModelRunner:
             dtype=self.dtype, device=device,
         )
         self.sampler = Sampler()
+        self.capture_logits = False  # tests: keep the last step's sampled-row logits
+        self.last_logits: torch.Tensor | None = None
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -119,6 +121,8 @@ class ModelRunner:
         sel = inputs.logits_indices[torch.tensor(rows, device=self.device)] if len(rows) < len(
             chunks) else inputs.logits_indices
         logits = self.model.compute_logits(hidden.index_select(0, sel))
+        if self.capture_logits:
+            self.last_logits = logits.clone()
         reqs = [chunks[i].request for i in rows]
         meta = SamplingMetadata.build(reqs, logits.shape[-1], self.device)
         sampled = self.sampler(logits, meta)

@@ -115,7 +115,7 @@ def test_shared_prefix_hits(tail, expect_cached):
     r.run()
     assert b.output_token_ids == reference_output(prefix + tail, b.params, 256)
     st_ = s.stats()
-    assert st_["prefix_hit_tokens"] == expect_cached and st_["cached_blocks"] >= 3
+    assert st_["prefix_hits"] == expect_cached and st_["cached_blocks"] >= 3
     assert_all_free(s)
 
 
@@ -402,3 +402,121 @@ def test_abort_between_schedule_and_update():
     finished = s.update(out, sampled)
     assert finished == [b] and a.num_output_tokens == 0
     assert_all_free(s)
+
+
+# ---------------------------------------------------------------- property test
+req_spec = st.tuples(
+    st.integers(0, 3),  # prefix index (3: none)
+    st.lists(st.integers(0, 99), max_size=6),  # tail
+    st.integers(1, 8),  # max_tokens
+    st.integers(0, 2),  # priority
+    st.integers(1, 3),  # n
+)
+event = st.tuples(
+    st.lists(req_spec, max_size=2),  # arrivals
+    st.integers(0, 199),  # abort before the step (when < 40)
+    st.integers(0, 199),  # finish() before the step (when < 40)
+    st.integers(0, 199),  # abort between schedule and update (when < 20)
+)
+
+
+def check_invariants(s: Scheduler):
+    pool, bs = s.kv.pool, s.config.block_size
+    owners: dict[int, int] = {}
+    for q in s.running:
+        assert q.status == RequestStatus.RUNNING
+        assert len(q.block_ids) * bs >= q.num_computed_tokens
+        for b in q.block_ids:
+            owners[b] = owners.get(b, 0) + 1
+    for q in s.waiting:
+        assert q.block_ids == [] and q.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+        assert q.num_computed_tokens == 0
+    for b in range(1, pool.num_blocks):
+        assert pool.ref_count(b) == owners.get(b, 0)
+        if owners.get(b, 0) > 1:
+            assert pool.block_hash(b) is not None, "block shared but not a cached block"
+        assert pool.is_free(b) == (b not in owners)
+    assert pool.num_free + len(owners) == pool.num_usable
+    assert len(s.running) + len(s.waiting) == len(s.requests)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    bs=st.sampled_from([1, 2, 4]),
+    num_blocks=st.integers(4, 24),
+    budget=st.integers(1, 24),
+    max_seqs=st.integers(1, 5),
+    max_seq_len=st.integers(8, 48),
+    caching=st.booleans(),
+    eos_mod=st.sampled_from([0, 7, 13]),
+    prefixes=st.lists(st.lists(st.integers(0, 99), min_size=1, max_size=9), min_size=3, max_size=3),
+    events=st.lists(event, min_size=1, max_size=30),
+)
+def test_random_workload(bs, num_blocks, budget, max_seqs, max_seq_len, caching, eos_mod, prefixes, events):
+    config = SchedulerConfig(max_num_seqs=max_seqs, max_num_tokens=budget, max_seq_len=max_seq_len,
+                             block_size=bs, num_blocks=num_blocks, enable_prefix_caching=caching)
+    s = Scheduler(config)
+    r = FakeRunner(s, eos_mod=eos_mod)
+    accepted: list[Request] = []
+    externally_ended: set[str] = set()
+    next_id = 0
+
+    def pick(i):
+        live = sorted(s.requests)
+        return live[i % len(live)] if live else None
+
+    def step(mid_abort=None):
+        had_work = s.has_unfinished
+        out = s.schedule()
+        assert out.num_batched_tokens <= budget and len(s.running) <= max_seqs
+        assert len({id(c.request) for c in out.chunks}) == len(out.chunks)
+        assert all(c.request.status == RequestStatus.RUNNING for c in out.chunks)
+        assert all(p.status == RequestStatus.PREEMPTED for p in out.preempted)
+        assert not had_work or out.chunks, "unfinished requests but nothing scheduled"
+        check_invariants(s)
+        sampled = r.execute(out)
+        if mid_abort is not None and mid_abort < 20 and (rid := pick(mid_abort)):
+            s.abort(rid)
+            externally_ended.add(rid)
+        s.update(out, sampled)
+        check_invariants(s)
+        assert all(q.num_uncomputed_tokens >= 1 for q in s.running)
+
+    for arrivals, abort_i, finish_i, mid_i in events:
+        for pidx, tail, max_tokens, prio, n in arrivals:
+            prompt = (prefixes[pidx] if pidx < 3 else []) + tail
+            leader = None
+            for k in range(n):
+                q = Request(f"r{next_id}", list(prompt), SamplingParams(max_tokens=max_tokens, priority=prio),
+                            prefill_leader=leader, eos_token_ids=(EOS,))
+                next_id += 1
+                try:
+                    s.add_request(q)
+                except RequestError:
+                    total = len(prompt) + max_tokens
+                    assert not prompt or total > max_seq_len or -(-total // bs) > num_blocks - 1
+                    assert q.request_id not in s.requests
+                    break
+                accepted.append(q)
+                leader = leader or q
+        if abort_i < 40 and (rid := pick(abort_i)):
+            assert s.abort(rid).finish_reason == FinishReason.ABORT
+            externally_ended.add(rid)
+        if finish_i < 40 and (rid := pick(finish_i)):
+            assert s.finish(rid, FinishReason.STOP, "stop-string").stop_reason == "stop-string"
+            externally_ended.add(rid)
+        step(mid_i)
+
+    for _ in range(20000):
+        if not s.has_unfinished:
+            break
+        step()
+    assert_all_free(s)
+    for q in accepted:
+        assert q.is_finished
+        ref = reference_output(q.prompt_token_ids, q.params, max_seq_len, eos_mod)
+        if q.request_id in externally_ended:
+            assert q.output_token_ids == ref[: q.num_output_tokens]
+        else:
+            assert q.output_token_ids == ref
+            assert q.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)

@@ -123,8 +123,8 @@ class Scheduler:
             "cached_blocks": pool.num_cached,
             "kv_usage": pool.usage,
             "preemptions": self.num_preemptions,
-            "prefix_query_tokens": pool.query_tokens,
-            "prefix_hit_tokens": pool.hit_tokens,
+            "prefix_queries": pool.query_tokens,  # tokens of admitted requests looked up
+            "prefix_hits": pool.hit_tokens,  # of those, tokens served from the cache
             "prefix_hit_rate": pool.hit_rate,
         }
 

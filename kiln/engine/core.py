@@ -80,10 +80,10 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        sampling = [c.request for c in out.chunks if c.samples]  # read before update() appends
         result = self.runner.execute(out)
         finished = {r.request_id for r in self.scheduler.update(out, result.token_ids)}
         self.num_steps += 1
-        sampling = [c.request for c in out.chunks if c.samples]
         return [
             TokenEvent(req, tok, lp, req.finish_reason if req.request_id in finished else None)
             for req, tok, lp in zip(sampling, result.token_ids, result.logprobs)

@@ -8,6 +8,7 @@ shapes, fuses them along dim 0, casts to the engine dtype and streams the result
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -151,13 +152,19 @@ def build_engine(
     profile: ShapeProfile | None = None,
     progress: bool = True,
     dummy: bool = False,
+    *,
+    max_seq_len: int | None = None,
+    max_batch_size: int | None = None,
+    max_num_tokens: int | None = None,
+    block_size: int | None = None,
 ) -> Path:
     """Build an engine directory at `out_dir` from `source`; return its path.
 
     `source`: "default" (the bundled SmolLM2-135M-Instruct GGUF), a Hugging Face checkpoint
     directory, a `.gguf` file, or an already opened `SourceCheckpoint`.
     `dtype`: "auto" (the checkpoint's dtype; float32 for a quantized GGUF), "float32", "float16"
-    or "bfloat16". `profile`: the shapes the engine is built for (default `ShapeProfile()`).
+    or "bfloat16". `profile`: the shapes the engine is built for (default `ShapeProfile()`);
+    `max_seq_len`, `max_batch_size`, `max_num_tokens`, `block_size` override its fields.
     `dummy`: write deterministic random weights instead of reading the checkpoint's tensors
     (config and tokenizer still come from the source); the manifest records `"dummy": true`.
 
@@ -167,7 +174,15 @@ def build_engine(
     next to `out_dir` and renamed into place only when complete (manifest written last), so a
     failed or interrupted build leaves no partial engine at `out_dir` and keeps the old one.
     """
-    profile = profile or ShapeProfile()
+    overrides = dict(
+        max_seq_len=max_seq_len,
+        max_batch_size=max_batch_size,
+        max_num_tokens=max_num_tokens,
+        block_size=block_size,
+    )
+    profile = dataclasses.replace(
+        profile or ShapeProfile(), **{k: v for k, v in overrides.items() if v is not None}
+    )
     out = Path(out_dir).expanduser().absolute()
     if out.exists():
         if not out.is_dir():

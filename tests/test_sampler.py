@@ -11,7 +11,7 @@ import torch
 
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler, uniform_noise
-from kiln.engine.sampling_metadata import SamplingMetadata
+from kiln.engine.sampling_metadata import SamplingMetadata, row_keys
 from kiln.sampling_params import SamplingParams
 
 V = 64
@@ -62,6 +62,10 @@ def test_noise_is_uniform_and_deterministic():
         assert abs(row.mean().item() - 0.5) < 0.01
     # Rows differ from one another.
     assert (u[0] != u[1]).float().mean() > 0.99
+    # Host-side (Python int) keys equal the tensor computation bit for bit.
+    k1, k2 = row_keys(seeds, steps)
+    for i in range(3):
+        assert (k1[i].item(), k2[i].item()) == row_keys(int(seeds[i]), int(steps[i]))
 
 
 MIXED = [
@@ -97,18 +101,28 @@ def test_seed_determinism():
     assert len(set(a)) > 40  # different steps give different draws
 
 
-def test_empirical_distribution_matches():
+@pytest.mark.parametrize("kw", [{}, dict(top_k=3), dict(top_p=0.6), dict(temperature=0.5),
+                                dict(min_p=0.4, temperature=1.0)])
+def test_empirical_distribution_matches(kw):
     probs = torch.tensor([0.3, 0.2, 0.15, 0.1, 0.1, 0.08, 0.05, 0.02])
     logits = probs.log()
+    expected = probs.clone()
+    if kw.get("top_k") or kw.get("top_p") or kw.get("min_p"):
+        expected[3:] = 0  # each of these settings keeps exactly the top 3 here
+    if "temperature" in kw:
+        expected = expected ** (1 / kw["temperature"])
+    expected = expected / expected.sum()
     n = 20000
     # Many rows with distinct seeds and steps: each row is an independent draw.
-    rows = [req(seed=i // 4, out=[0] * (i % 4)) for i in range(n)]
+    rows = [req(seed=i // 4, out=[0] * (i % 4), **kw) for i in range(n)]
     meta = SamplingMetadata.build(rows, 8, "cpu")
     out = sampler(logits.expand(n, 8).contiguous(), meta)
     freq = torch.bincount(out.token_ids, minlength=8).float() / n
-    assert (freq - probs).abs().max() < 0.02
-    chi2 = (((freq - probs) ** 2) / probs).sum().item() * n
-    assert chi2 < 24.3  # 7 dof, p = 0.001
+    assert (freq - expected).abs().max() < 0.02
+    keep = expected > 0
+    assert freq[~keep].sum() == 0
+    chi2 = (((freq - expected)[keep] ** 2) / expected[keep]).sum().item() * n
+    assert chi2 < 24.3  # <= 7 dof, p = 0.001
 
 
 def ref_filter(row_logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:

@@ -14,46 +14,38 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.engine.sampling_metadata import SamplingMetadata
+from kiln.engine.sampling_metadata import MIX_C3, WEYL, SamplingMetadata, mix32, row_keys
 
 _M32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for 0 <= x < 2**32, without ever overflowing int64."""
-    lo, hi = c & 0xFFFF, c >> 16
-    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
-
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """murmur3's 32-bit finalizer on int64 tensors holding values in [0, 2**32)."""
-    h = h ^ (h >> 16)
-    h = _mul32(h, 0x85EBCA6B)
-    h = h ^ (h >> 13)
-    h = _mul32(h, 0xC2B2AE35)
+def _token_hash(k1: torch.Tensor, k2: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """32-bit hash of (row keys, token id); token_ids is [V] (all rows) or [B, N]."""
+    w = (token_ids * WEYL) & _M32
+    h = mix32((w + k1[:, None]) & _M32)
+    h = h ^ k2[:, None]  # second key: rows whose k1 differ by a Weyl multiple stay unrelated
+    h = (h * MIX_C3) & _M32
     return h ^ (h >> 16)
-
-
-def row_keys(seeds: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two 32-bit keys per row from a 63-bit seed and a step index (both int64 [B])."""
-    seed_lo = seeds & _M32
-    seed_hi = (seeds >> 32) & _M32
-    a = _fmix32((seed_hi + 0x68E31DA4) & _M32)
-    a = _fmix32(a ^ seed_lo)
-    a = _fmix32((a + _mul32(steps & _M32, _GOLDEN)) & _M32)
-    b = _fmix32(a ^ 0x5BD1E995)
-    return a, b
 
 
 def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, V] float32 uniforms in (0, 1), a pure function of (seed, step, token id)."""
     k1, k2 = row_keys(seeds, steps)
-    idx = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
-    h = _fmix32((_mul32(idx, _GOLDEN)[None, :] + k1[:, None]) & _M32)
-    h = _fmix32(h ^ k2[:, None])
+    ids = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
+    return _uniform(k1, k2, ids)
+
+
+def _uniform(k1: torch.Tensor, k2: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    h = _token_hash(k1, k2, token_ids)
     # Top 24 bits are exactly representable in float32: U = (m + 0.5) / 2**24.
     return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def _gumbel(meta: SamplingMetadata, token_ids: torch.Tensor) -> torch.Tensor:
+    """-log(E) with E = -log(U): adding it to logits and taking the argmax is the
+    exponential race argmax(p / E), i.e. a draw from softmax(logits)."""
+    u = _uniform(meta.key1, meta.key2, token_ids)
+    return -torch.log(-torch.log(u))
 
 
 @dataclass
@@ -142,13 +134,27 @@ class Sampler:
     @staticmethod
     def _sample(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         x = x / meta.temperature[:, None]
+        if meta.all_sampling_top_k and not meta.any_top_p:
+            return _sample_among_top_k(x, meta)
         if meta.any_top_p:
             x = _apply_top_k_top_p(x, meta)
         elif meta.any_top_k:
             x = _apply_top_k_only(x, meta)
         if meta.any_min_p:
             x = _apply_min_p(x, meta)
-        # Exponential race: argmax p_i / E_i with E_i = -log U_i, done in log space.
-        u = uniform_noise(meta.seeds, meta.steps, x.shape[-1])
-        e = -torch.log(u)
-        return torch.argmax(x - torch.log(e), dim=-1)
+        return torch.argmax(x + _gumbel(meta, torch.arange(x.shape[-1], device=x.device)), dim=-1)
+
+
+def _sample_among_top_k(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Every sampling row uses top-k: work on [B, max_k] candidates only.
+
+    The noise is keyed by token id, so this draws exactly what the full-vocab path would.
+    """
+    max_k = meta.max_top_k
+    vals, ids = torch.topk(x, max_k, dim=-1)
+    pos = torch.arange(max_k, device=x.device)[None, :]
+    vals = vals.masked_fill(pos >= meta.top_k[:, None], float("-inf"))
+    if meta.any_min_p:
+        vals = _apply_min_p(vals, meta)
+    choice = torch.argmax(vals + _gumbel(meta, ids), dim=-1)
+    return ids.gather(1, choice[:, None]).squeeze(1)

@@ -7,6 +7,7 @@ sampler can pick its code path without ever reading a tensor back from the devic
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,15 +15,44 @@ import torch
 from kiln.engine.request import Request
 
 
-def _host_tensor(data, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    t = torch.tensor(data, dtype=dtype)
-    return t.pin_memory() if pin else t
+_M32 = 0xFFFFFFFF
+# Odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so int64
+# products never overflow and Python ints, CPU and GPU tensors all compute the same bits.
+MIX_C1 = 0x7FEB352D
+MIX_C2 = 0x31848BAB
+MIX_C3 = 0x2C1B3C6D
+WEYL = 0x61C88647  # 2**32 - the golden ratio constant
 
 
-def _padded(rows: list[list[int]], pad: int) -> list[list[int]]:
-    width = max((len(r) for r in rows), default=0)
-    width = max(width, 1)
-    return [r + [pad] * (width - len(r)) for r in rows]
+def mix32(h):
+    """A murmur3/lowbias32-style 32-bit finalizer; works on Python ints and int64 tensors."""
+    h = h ^ (h >> 16)
+    h = (h * MIX_C1) & _M32
+    h = h ^ (h >> 15)
+    h = (h * MIX_C2) & _M32
+    return h ^ (h >> 16)
+
+
+def _seed_key(seed):
+    return mix32(mix32(((seed >> 32) + 0x68E31DA4) & _M32) ^ (seed & _M32))
+
+
+_seed_key_host = functools.lru_cache(maxsize=8192)(_seed_key)
+
+
+def row_keys(seed, step):
+    """Two 32-bit keys from a 63-bit seed and a step index (Python ints or int64 tensors)."""
+    a = _seed_key_host(seed) if isinstance(seed, int) else _seed_key(seed)
+    a = mix32((a + (step & _M32) * WEYL) & _M32)
+    return a, mix32(a ^ 0x5BD1E995)
+
+
+def _flat_pairs(lists: list[list[int]]) -> torch.Tensor:
+    """[2, N] int64 (row, id) pairs for ragged per-row id lists, built on the host."""
+    lens = torch.tensor([len(x) for x in lists], dtype=torch.int64)
+    ids = torch.tensor([t for x in lists for t in x], dtype=torch.int64)
+    rows = torch.repeat_interleave(torch.arange(len(lists), dtype=torch.int64), lens)
+    return torch.stack([rows, ids])
 
 
 @dataclass
@@ -41,6 +71,8 @@ class SamplingMetadata:
     frequency_penalty: torch.Tensor  # float32
     seeds: torch.Tensor  # int64
     steps: torch.Tensor  # int64: index of the output token being drawn
+    key1: torch.Tensor  # int64: row_keys(seed, step), computed on the host
+    key2: torch.Tensor  # int64
     num_logprobs: torch.Tensor  # int64: -1 none, 0 chosen only, k top-k alternatives
     # [B, V] float32 counts of each token in the output so far (only when penalties are used)
     output_counts: torch.Tensor | None
@@ -56,105 +88,96 @@ class SamplingMetadata:
     any_min_p: bool
     any_penalties: bool
     any_repetition_penalty: bool
+    all_sampling_top_k: bool  # every non-greedy row uses top-k (and there is one)
     max_top_k: int  # largest top_k among sampling rows that use it (0 if none)
     max_num_logprobs: int  # K of the top alternatives returned (0: none)
     any_logprobs: bool
 
     @classmethod
     def build(cls, rows: list[Request], vocab_size: int, device: torch.device | str) -> "SamplingMetadata":
+        """One row per request sampling this step. Host work only; copies are non-blocking."""
         device = torch.device(device)
         pin = device.type == "cuda" and torch.cuda.is_available()
         V = vocab_size
 
-        def put(data, dtype):
-            return _host_tensor(data, dtype, pin).to(device, non_blocking=True)
+        def put(t: torch.Tensor) -> torch.Tensor:
+            return (t.pin_memory() if pin else t).to(device, non_blocking=True)
 
-        temps, greedy, top_k, top_p, min_p = [], [], [], [], []
-        rep, pres, freq, seeds, steps, nlp = [], [], [], [], [], []
+        floats: list[list[float]] = []  # per row: temperature, top_p, min_p, rep, presence, freq
+        ints: list[list[int]] = []  # per row: top_k, seed, step, logprobs, key1, key2, greedy
         suppress: list[list[int]] = []
         out_ids: list[list[int]] = []
         prompt_ids: list[list[int]] = []
-        max_top_k = 0
-        any_top_k = any_top_p = any_min_p = False
+        max_top_k = max_nlp = 0
+        any_top_k = any_top_p = any_min_p = any_greedy = any_pen = any_rep = any_lp = False
+        all_greedy = all_sampling_top_k = True
         for req in rows:
             p = req.params
             g = p.greedy
-            greedy.append(g)
-            temps.append(1.0 if g else float(p.temperature))
-            k = p.top_k if p.top_k > 0 else V
-            k = min(k, V)
-            top_k.append(k)
-            if not g and k < V:
-                any_top_k = True
-                max_top_k = max(max_top_k, k)
-            top_p.append(float(p.top_p))
-            any_top_p |= (not g) and p.top_p < 1.0
-            min_p.append(float(p.min_p))
-            any_min_p |= (not g) and p.min_p > 0.0
-            rep.append(float(p.repetition_penalty))
-            pres.append(float(p.presence_penalty))
-            freq.append(float(p.frequency_penalty))
-            seeds.append(int(req.seed))
-            steps.append(req.num_output_tokens)
-            nlp.append(-1 if p.logprobs is None else int(p.logprobs))
+            any_greedy |= g
+            all_greedy &= g
+            k = min(p.top_k if p.top_k > 0 else V, V)
+            if not g:
+                if k < V:
+                    any_top_k = True
+                    max_top_k = max(max_top_k, k)
+                else:
+                    all_sampling_top_k = False
+                any_top_p |= p.top_p < 1.0
+                any_min_p |= p.min_p > 0.0
+            step = req.num_output_tokens
+            k1, k2 = row_keys(int(req.seed), step)
+            nlp = -1 if p.logprobs is None else int(p.logprobs)
+            if nlp >= 0:
+                any_lp = True
+                max_nlp = max(max_nlp, nlp)
+            floats.append([1.0 if g else float(p.temperature), float(p.top_p), float(p.min_p),
+                           float(p.repetition_penalty), float(p.presence_penalty),
+                           float(p.frequency_penalty)])
+            ints.append([k, int(req.seed), step, nlp, k1, k2, int(g)])
             sup: list[int] = []
-            if req.num_output_tokens < p.min_tokens:
+            if step < p.min_tokens:
                 ids = set(p.stop_token_ids)
                 if not p.ignore_eos:
                     ids.update(req.eos_token_ids)
                 sup = sorted(i for i in ids if 0 <= i < V)
             suppress.append(sup)
-            uses_out = p.presence_penalty != 0.0 or p.frequency_penalty != 0.0 or p.repetition_penalty != 1.0
-            out_ids.append(list(req.output_token_ids) if uses_out else [])
-            prompt_ids.append(list(req.prompt_token_ids) if p.repetition_penalty != 1.0 else [])
+            pen = p.uses_penalties
+            rep = p.repetition_penalty != 1.0
+            any_pen |= pen
+            any_rep |= rep
+            out_ids.append(req.output_token_ids if pen else [])
+            prompt_ids.append(req.prompt_token_ids if rep else [])
 
-        any_penalties = any(r.params.uses_penalties for r in rows)
-        any_rep = any(r.params.repetition_penalty != 1.0 for r in rows)
         B = len(rows)
+        f = put(torch.tensor(floats, dtype=torch.float32).reshape(B, 6).T.contiguous())
+        n = put(torch.tensor(ints, dtype=torch.int64).reshape(B, 7).T.contiguous())
 
-        def mask_from(ids: list[list[int]]) -> torch.Tensor:
-            # Pad with V (an extra column dropped afterwards) so ragged rows scatter on device.
-            idx = put(_padded(ids, V), torch.int64)
-            m = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
-            m.scatter_(1, idx, True)
-            return m[:, :V]
+        def mask_from(lists: list[list[int]]) -> torch.Tensor:
+            rc = put(_flat_pairs(lists))
+            m = torch.zeros(B, V, dtype=torch.bool, device=device)
+            return m.index_put_((rc[0], rc[1]), torch.ones((), dtype=torch.bool, device=device))
 
         output_counts = prompt_mask = None
-        if any_penalties:
-            idx = put(_padded(out_ids, V), torch.int64)
-            counts = torch.zeros(B, V + 1, dtype=torch.float32, device=device)
-            counts.scatter_add_(1, idx, torch.ones(idx.shape, dtype=torch.float32, device=device))
-            output_counts = counts[:, :V]
+        if any_pen:
+            rc = put(_flat_pairs(out_ids))
+            output_counts = torch.zeros(B, V, dtype=torch.float32, device=device)
+            ones = torch.ones((), dtype=torch.float32, device=device).expand(rc.shape[1])
+            output_counts.index_put_((rc[0], rc[1]), ones, accumulate=True)
             if any_rep:
                 prompt_mask = mask_from(prompt_ids)
         suppress_mask = mask_from(suppress) if any(suppress) else None
 
-        max_nlp = max(nlp, default=-1)
         return cls(
-            batch_size=B,
-            vocab_size=V,
-            temperature=put(temps, torch.float32),
-            greedy=put(greedy, torch.bool),
-            top_k=put(top_k, torch.int64),
-            top_p=put(top_p, torch.float32),
-            min_p=put(min_p, torch.float32),
-            repetition_penalty=put(rep, torch.float32),
-            presence_penalty=put(pres, torch.float32),
-            frequency_penalty=put(freq, torch.float32),
-            seeds=put(seeds, torch.int64),
-            steps=put(steps, torch.int64),
-            num_logprobs=put(nlp, torch.int64),
-            output_counts=output_counts,
-            prompt_mask=prompt_mask,
-            suppress_mask=suppress_mask,
-            all_greedy=all(greedy),
-            any_greedy=any(greedy),
-            any_top_k=any_top_k,
-            any_top_p=any_top_p,
-            any_min_p=any_min_p,
-            any_penalties=any_penalties,
+            batch_size=B, vocab_size=V,
+            temperature=f[0], top_p=f[1], min_p=f[2],
+            repetition_penalty=f[3], presence_penalty=f[4], frequency_penalty=f[5],
+            top_k=n[0], seeds=n[1], steps=n[2], num_logprobs=n[3], key1=n[4], key2=n[5],
+            greedy=n[6].bool(),
+            output_counts=output_counts, prompt_mask=prompt_mask, suppress_mask=suppress_mask,
+            all_greedy=all_greedy, any_greedy=any_greedy, any_top_k=any_top_k,
+            any_top_p=any_top_p, any_min_p=any_min_p, any_penalties=any_pen,
             any_repetition_penalty=any_rep,
-            max_top_k=max_top_k,
-            max_num_logprobs=min(max(max_nlp, 0), V),
-            any_logprobs=max_nlp >= 0,
+            all_sampling_top_k=any_top_k and all_sampling_top_k, max_top_k=max_top_k,
+            max_num_logprobs=min(max_nlp, V), any_logprobs=any_lp,
         )

@@ -170,3 +170,13 @@ def test_hypothesis_stop_strings(default_tokenizer, text, stop):
     else:
         assert deltas[-1].stop_string is None
         assert joined == full
+
+
+def test_prompt_ending_mid_character(default_tokenizer):
+    tok = default_tokenizer
+    emoji_ids = tok.encode("🙂", add_special_tokens=False)
+    assert len(emoji_ids) > 1
+    out_ids = tok.encode("Hi 日本", add_special_tokens=False)
+    detok = IncrementalDetokenizer(tok, emoji_ids[:1], SamplingParams())
+    text = "".join(detok.add_tokens([i]).text for i in out_ids) + detok.finish().text
+    assert text == tok.decode(out_ids)

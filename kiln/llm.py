@@ -43,8 +43,9 @@ class LLM:
         self.engine_dir = resolve_engine_dir(engine_dir)
         self.core = EngineCore(self.engine_dir, EngineOptions(**options))
         m = self.core.manifest
-        self.tokenizer = Tokenizer.from_manifest(m)
-        self.eos_token_ids = tuple(m.tokenizer.get("eos_token_ids") or m.model.eos_token_ids)
+        self.eos_token_ids = tuple(m.eos_token_ids or m.model.eos_token_ids)
+        self.tokenizer = Tokenizer(m.tokenizer_path, m.chat_template, m.special_tokens,
+                                   self.eos_token_ids)
         self.processor = OutputProcessor(self.tokenizer, self.core.finish)
         self._ids = itertools.count()
 

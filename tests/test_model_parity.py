@@ -59,7 +59,7 @@ def check_against_hf(hf, seen) -> int:
     return len(seen)
 
 
-def greedy(max_tokens: int = 16) -> SamplingParams:
+def greedy(max_tokens: int = 17) -> SamplingParams:
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
@@ -72,7 +72,7 @@ def test_batch_prefill_and_decode_match_transformers(family):
             for i, n in enumerate(lengths)]
     seen = run_capturing(core, reqs)
     assert check_against_hf(hf, seen) == 17 * len(reqs)  # prefill + 16 decodes each
-    assert all(len(r.output_token_ids) == 16 for r in reqs)
+    assert all(len(r.output_token_ids) == 17 for r in reqs)
     assert core.scheduler.stats()["free_blocks"] == core.scheduler.stats()["total_blocks"]
 
 

@@ -20,7 +20,8 @@ FAMILIES = {
                    dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)),
     "llama3-gqa-rope-scaling": (
         transformers.LlamaConfig, transformers.LlamaForCausalLM,
-        dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+        # head_dim 16 puts rotary pairs in all three llama3 bands (kept, smoothed, scaled)
+        dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
              rope_theta=500000.0,
              rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                high_freq_factor=4.0, original_max_position_embeddings=64))),

@@ -61,7 +61,7 @@ class ModelRunner:
         self.cfg = cfg = manifest.model
         self.profile = manifest.profile
         self.device = device
-        self.dtype = manifest.torch_dtype
+        self.dtype = manifest.dtype
         weights = load_weights(manifest, device)
         with torch.device("meta"):
             model = LlamaModel(cfg)

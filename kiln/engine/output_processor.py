@@ -68,12 +68,15 @@ class OutputProcessor:
                 t.logprobs.append(TokenLogprob(ev.token_id, ev.logprobs.logprob, ev.logprobs.top))
             d = t.detok.add_tokens([ev.token_id])
             text = d.text
+            if d.stop_string is None and ev.finish_reason is not None:
+                flushed = t.detok.finish()  # held-back text; a stop string may still complete in it
+                text += flushed.text
+                d = flushed if flushed.stop_string is not None else d
             if d.stop_string is not None:
                 t.finish_reason, t.stop_reason = FinishReason.STOP.value, d.stop_string
                 if ev.finish_reason is None:
                     self._finish_request(ev.request.request_id, FinishReason.STOP, d.stop_string)
             elif ev.finish_reason is not None:
-                text += t.detok.finish()
                 t.finish_reason = ev.finish_reason.value
                 t.stop_reason = ev.request.stop_reason
             if t.finish_reason is not None and t.request.finished_time is None:

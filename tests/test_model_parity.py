@@ -16,7 +16,7 @@ from kiln.build.builder import build_engine
 from kiln.engine.core import EngineCore, EngineOptions
 from kiln.engine.request import Request
 from kiln.sampling_params import SamplingParams
-from tests.tiny_models import FAMILIES, VOCAB, make_hf_dir
+from tiny_models import FAMILIES, VOCAB, make_hf_dir
 
 BLOCK = 8
 TOL = 1e-4

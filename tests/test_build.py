@@ -32,7 +32,8 @@ def test_engine_contents_and_manifest(tiny_hf_dir, tiny_engine):
     hf_cfg = json.loads((tiny_hf_dir / "config.json").read_text())
     assert m["format"] == "kiln-engine" and m["format_version"] == 1
     assert m["model"] == ModelConfig.from_hf(hf_cfg).to_dict()
-    assert m["dtype"] == "float32" and m["profile"] == ShapeProfile().to_dict()
+    assert m["dtype"] == "float32" and m["profile"] == ShapeProfile(
+        max_seq_len=min(4096, hf_cfg["max_position_embeddings"])).to_dict()
     tc = json.loads((tiny_hf_dir / "tokenizer_config.json").read_text())
     tok = m["tokenizer"]
     assert tok["file"] == "tokenizer.json"

@@ -56,6 +56,12 @@ def test_build_of_missing_source_is_one_line(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
+def test_max_seq_len_beyond_context_is_refused(tiny_hf_dir, tmp_path):
+    r = kiln("build", tiny_hf_dir, "-o", tmp_path / "e", "--max-seq-len", "1000000", "--no-progress")
+    assert_one_line_error(r, "exceeds the model's context length")
+    assert not (tmp_path / "e").exists()
+
+
 def test_corrupt_engine_is_refused_in_one_line(tiny_engine, tmp_path):
     bad = tmp_path / "engine"
     shutil.copytree(tiny_engine, bad)

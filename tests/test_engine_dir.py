@@ -44,7 +44,7 @@ def test_read_manifest(tiny_engine):
     m = read_manifest(tiny_engine)
     assert isinstance(m, EngineManifest) and m.path == tiny_engine
     assert isinstance(m.model, ModelConfig) and m.model.num_layers == 2 and m.model.head_dim == 16
-    assert m.profile == ShapeProfile() and m.dtype == torch.float32 and m.format_version == FORMAT_VERSION
+    assert m.profile == ShapeProfile(max_seq_len=256) and m.dtype == torch.float32 and m.format_version == FORMAT_VERSION
     assert m.tokenizer_path == tiny_engine / "tokenizer.json" and m.eos_token_ids == (2, 0)
     assert m.weight_paths == [tiny_engine / "weights.safetensors"]
     assert m.special_tokens["unk_token"] == "<|endoftext|>" and "<|im_start|>" in m.chat_template

@@ -180,6 +180,7 @@ def build_engine(
         max_num_tokens=max_num_tokens,
         block_size=block_size,
     )
+    profile_given = profile is not None
     profile = dataclasses.replace(
         profile or ShapeProfile(), **{k: v for k, v in overrides.items() if v is not None}
     )
@@ -193,6 +194,8 @@ def build_engine(
             )
     src = source if isinstance(source, SourceCheckpoint) else open_source(source)
     try:
+        profile = _fit_to_context(profile, src.config.max_position_embeddings,
+                                  explicit=max_seq_len is not None or profile_given)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; an engine is an ordinary directory
@@ -206,6 +209,17 @@ def build_engine(
         if not isinstance(source, SourceCheckpoint):
             src.close()
     return out
+
+
+def _fit_to_context(profile: ShapeProfile, context: int, explicit: bool) -> ShapeProfile:
+    """Default max_seq_len is min(the model's context, 4096); an explicit larger one is refused."""
+    if profile.max_seq_len <= context:
+        return profile
+    if explicit:
+        raise BuildError(
+            f"--max-seq-len {profile.max_seq_len} exceeds the model's context length {context}"
+        )
+    return dataclasses.replace(profile, max_seq_len=context)
 
 
 def _build_into(

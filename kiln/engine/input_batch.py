@@ -18,13 +18,14 @@ class ChunkSpec:
     token_ids: Sequence[int]
     start: int
     block_ids: Sequence[int]
+    samples: bool = True  # its last token's logits are needed
 
 
 @dataclass
 class ModelInputs:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    logits_indices: torch.Tensor  # [B]: the last token of each chunk
+    logits_indices: torch.Tensor  # [S]: the last token of each chunk that samples
     attn: AttentionMetadata
 
 
@@ -65,4 +66,5 @@ def prepare_inputs(chunks: Sequence[ChunkSpec], block_size: int, device: torch.d
         max_kv=max_blocks * block_size,
         sliding_window=sliding_window,
     )
-    return ModelInputs(dev(input_ids), dev(positions), dev(cu[1:] - 1), attn)
+    samples = np.fromiter((c.samples for c in chunks), dtype=bool, count=b)
+    return ModelInputs(dev(input_ids), dev(positions), dev((cu[1:] - 1)[samples]), attn)

@@ -110,24 +110,21 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         chunks = out.chunks
-        specs = [ChunkSpec(_tokens(c.request, c.start, c.end), c.start, c.request.block_ids)
-                 for c in chunks]
+        specs = [ChunkSpec(_tokens(c.request, c.start, c.end), c.start, c.request.block_ids,
+                           c.samples) for c in chunks]
         inputs = prepare_inputs(specs, self.block_size, self.device, self.cfg.sliding_window)
         with attention_context(inputs.attn):
             hidden = self.model(inputs.input_ids, inputs.positions, self.rope_table, self.kv_caches)
-        rows = [i for i, c in enumerate(chunks) if c.samples]
-        if not rows:
+        reqs = [c.request for c in chunks if c.samples]
+        if not reqs:
             return RunnerOutput([], [])
-        sel = inputs.logits_indices[torch.tensor(rows, device=self.device)] if len(rows) < len(
-            chunks) else inputs.logits_indices
-        logits = self.model.compute_logits(hidden.index_select(0, sel))
+        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
         if self.capture_logits:
             self.last_logits = logits.clone()
-        reqs = [chunks[i].request for i in rows]
         meta = SamplingMetadata.build(reqs, logits.shape[-1], self.device)
         sampled = self.sampler(logits, meta)
         token_ids = sampled.token_ids.tolist()  # the step's one host synchronization
-        logprobs: list[TokenLogprobs | None] = [None] * len(rows)
+        logprobs: list[TokenLogprobs | None] = [None] * len(reqs)
         if any(r.params.logprobs is not None for r in reqs):
             chosen = sampled.logprobs.tolist()
             top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None

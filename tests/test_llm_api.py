@@ -7,7 +7,7 @@ import math
 import pytest
 
 from kiln.errors import RequestError
-from kiln.llm import LLM
+from kiln import LLM
 from kiln.sampling_params import SamplingParams
 
 PROMPT = "The capital of France is"

@@ -7,6 +7,7 @@ transformers' logits for the same tokens.
 
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -20,6 +21,7 @@ from tiny_models import FAMILIES, VOCAB, make_hf_dir
 
 BLOCK = 8
 TOL = 1e-4
+DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")  # e.g. cuda: the same comparison on a GPU
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -44,7 +46,7 @@ def run_capturing(core: EngineCore, reqs: list[Request]):
     while core.has_unfinished():
         for i, ev in enumerate(core.step()):
             ctx = ev.request.all_token_ids[:-1]
-            seen.append((ev.request, ctx, core.runner.last_logits[i]))
+            seen.append((ev.request, ctx, core.runner.last_logits[i].cpu()))
     return seen
 
 
@@ -65,7 +67,7 @@ def greedy(max_tokens: int = 17) -> SamplingParams:
 
 def test_batch_prefill_and_decode_match_transformers(family):
     name, hf, engine = family
-    core = EngineCore(engine, EngineOptions(device="cpu", kv_cache_memory=8 << 20))
+    core = EngineCore(engine, EngineOptions(device=DEVICE, kv_cache_memory=8 << 20))
     rng = random.Random(1)
     lengths = [5, 13, 21] if "sliding" not in name else [5, 13, 30]
     reqs = [Request(f"r{i}", [rng.randrange(3, VOCAB) for _ in range(n)], greedy())
@@ -78,7 +80,7 @@ def test_batch_prefill_and_decode_match_transformers(family):
 
 def test_prefix_cache_hit_matches_transformers(family):
     _, hf, engine = family
-    core = EngineCore(engine, EngineOptions(device="cpu", kv_cache_memory=8 << 20))
+    core = EngineCore(engine, EngineOptions(device=DEVICE, kv_cache_memory=8 << 20))
     rng = random.Random(2)
     shared = [rng.randrange(3, VOCAB) for _ in range(2 * BLOCK + 3)]
     first = Request("a", shared, greedy(4))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import numbers
 import secrets
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -12,7 +13,7 @@ from kiln.engine.core import EngineCore, EngineOptions
 from kiln.engine.output_processor import Delta, OutputProcessor
 from kiln.engine.request import Request
 from kiln.errors import RequestError
-from kiln.outputs import RequestOutput
+from kiln.outputs import CompletionOutput, RequestOutput
 from kiln.sampling_params import SamplingParams
 from kiln.tokenizer import Tokenizer
 
@@ -48,16 +49,25 @@ class LLM:
                                    self.eos_token_ids)
         self.processor = OutputProcessor(self.tokenizer, self.core.finish)
         self._ids = itertools.count()
+        self._groups: dict[str, list[str]] = {}  # request id -> its unfinished-or-unreleased choices
+        self._group_of: dict[str, str] = {}  # choice id -> request id, until its final Delta
 
     @property
     def max_seq_len(self) -> int:
         return self.core.manifest.profile.max_seq_len
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt (text, or token ids that are checked against the vocabulary)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise RequestError("prompt must not be empty", param="prompt")
             return self.tokenizer.encode(prompt)
+        if hasattr(prompt, "tolist"):  # numpy array, torch tensor
+            prompt = prompt.tolist()
+        if not isinstance(prompt, Sequence) or not all(_is_int(t) for t in prompt):
+            raise RequestError("prompt must be a string or a list of integer token ids", param="prompt")
+        if not prompt:
+            raise RequestError("prompt must not be empty", param="prompt")
         ids = [int(t) for t in prompt]
         vocab = self.core.manifest.model.vocab_size
         bad = next((t for t in ids if not 0 <= t < vocab), None)
@@ -67,8 +77,15 @@ class LLM:
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams,
                     request_id: str | None = None) -> list[str]:
-        """Queue one prompt (n choices); returns the ids of its choices. Refusals raise RequestError."""
+        """Queue one prompt (n choices); returns the ids of its choices (`request_id` itself when
+        n = 1, else `request_id-0` ...). Refusals raise RequestError and leave nothing queued."""
+        return self._add(prompt_ids, params, request_id)[1]
+
+    def _add(self, prompt_ids: list[int], params: SamplingParams,
+             request_id: str | None) -> tuple[str, list[str]]:
         rid = request_id or f"req-{next(self._ids)}"
+        if rid in self._groups:
+            raise RequestError(f"request id {rid!r} is already in use", param="request_id")
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
         reqs: list[Request] = []
         for i in range(params.n):
@@ -82,46 +99,115 @@ class LLM:
                 self.core.add_request(req)
                 added.append(req.request_id)
                 self.processor.track(req, i)
-        except Exception:
-            for a in added:
-                self.abort(a)
+        except BaseException:
+            self._drop(added)
             raise
-        return added
+        self._groups[rid] = added
+        for a in added:
+            self._group_of[a] = rid
+        return rid, added
+
+    def _drop(self, choices: list[str]) -> None:
+        """Remove choices the caller never saw finish, without final deltas."""
+        for c in choices:
+            self.core.abort(c)
+            rid = self._group_of.pop(c, None)
+            if rid is not None:
+                self._groups.pop(rid, None)
+        self.processor.forget(set(choices))
 
     def abort(self, request_id: str) -> None:
-        self.core.abort(request_id)
-        self.processor.mark_aborted(request_id)
+        """Stop a request (all its choices) or one choice, wherever it is; frees its KV blocks.
+        Each choice that was still running gets a final Delta with finish_reason "abort"."""
+        for choice in self._groups.get(request_id, [request_id]):
+            self.core.abort(choice)
+            self.processor.abort(choice)
 
     def stream(self) -> Iterator[Delta]:
         """Run steps until no request is left, yielding each new piece of text."""
-        while self.core.has_unfinished():
-            yield from self.processor.process(self.core.step())
+        while self.core.has_unfinished() or self.processor.has_pending:
+            events = self.core.step() if self.core.has_unfinished() else []
+            for d in self.processor.process(events):
+                if d.finish_reason is not None:
+                    self._release(d.request_id)
+                yield d
+
+    def _release(self, choice_id: str) -> None:
+        rid = self._group_of.pop(choice_id, None)
+        if rid is not None and all(c not in self._group_of for c in self._groups[rid]):
+            del self._groups[rid]
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._group_of)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params = params or SamplingParams()
-        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
-        if len(plist) != len(prompts):
-            raise RequestError("one SamplingParams per prompt, or one for all", param="params")
-        encoded = [self.encode_prompt(p) for p in prompts]
-        groups = []
-        for ids, p in zip(encoded, plist):
-            groups.append(self.add_request(ids, p))
-        for _ in self.stream():
-            pass
-        return [
-            RequestOutput(g[0].rsplit("-", 1)[0] if len(g) > 1 else g[0],
-                          prompt if isinstance(prompt, str) else None, ids,
-                          [self.processor.result(rid) for rid in g])
-            for g, prompt, ids in zip(groups, prompts, encoded)
-        ]
+        """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt.
+
+        Runs the engine until these requests are done, so it needs an engine with nothing else in
+        flight (requests queued with `add_request` are driven by `stream`)."""
+        prompts = _as_prompt_list(prompts)
+        return self._run(prompts, [self.encode_prompt(p) for p in prompts], params)
 
     def chat(self, messages: Messages | Sequence[Messages],
-             params: SamplingParams | None = None) -> list[RequestOutput]:
-        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c),
-                                         add_special_tokens=False) for c in convs]
-        return self.generate(prompts, params)
+             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template, then generate."""
+        if not isinstance(messages, Sequence) or not messages:
+            raise RequestError("messages must be a non-empty list", param="messages")
+        convs = [messages] if isinstance(messages[0], dict) else list(messages)
+        texts = []
+        for conv in convs:
+            if not conv or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in conv):
+                raise RequestError("a conversation must be a non-empty list of {'role', 'content'} "
+                                   "messages with text content", param="messages")
+            texts.append(self.tokenizer.apply_chat_template(conv))
+        encoded = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+        return self._run(texts, encoded, params)
+
+    def _run(self, prompts: list, encoded: list[list[int]],
+             params: SamplingParams | Sequence[SamplingParams] | None) -> list[RequestOutput]:
+        if self.core.has_unfinished():
+            raise RequestError("generate() needs an idle engine: requests added with add_request() "
+                               "are still running (drive them with stream())")
+        params = params if params is not None else SamplingParams()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts) or not all(isinstance(p, SamplingParams) for p in plist):
+            raise RequestError("params must be one SamplingParams, or one per prompt", param="params")
+        added: list[tuple[str, list[str]]] = []
+        outputs: dict[str, CompletionOutput] = {}
+        try:
+            for ids, p in zip(encoded, plist):
+                added.append(self._add(ids, p, None))
+            for d in self.stream():
+                if d.output is not None:
+                    outputs[d.request_id] = d.output
+        except BaseException:  # a refusal or an interrupt: nothing of this call stays queued
+            self._drop([c for _, choices in added for c in choices])
+            raise
+        return [
+            RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids,
+                          [outputs[c] for c in choices])
+            for (rid, choices), prompt, ids in zip(added, prompts, encoded)
+        ]
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _as_prompt_list(prompts) -> list:
+    """One prompt (a string, a list of ids, an array) or a list of them -> a non-empty list."""
+    if hasattr(prompts, "tolist"):
+        prompts = prompts.tolist()
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, Sequence):
+        raise RequestError("prompts must be a string, a list of token ids, or a list of those",
+                           param="prompt")
+    if not prompts:
+        raise RequestError("no prompts given", param="prompt")
+    if _is_int(prompts[0]):
+        return [prompts]
+    return list(prompts)

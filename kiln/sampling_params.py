@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 from kiln.errors import RequestError
 
 MAX_N = 16
 MAX_TOP_LOGPROBS = 20
+MAX_STOP = 32  # stop strings per request ...
+MAX_STOP_CHARS = 1024  # ... each at most this long: every generated token scans for them
+MAX_STOP_TOKEN_IDS = 256
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily
+
+_INT_FIELDS = ("max_tokens", "top_k", "n", "min_tokens", "priority")
+_OPTIONAL_INT_FIELDS = ("seed", "logprobs")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty")
+_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens")
+
+
+def _as_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise RequestError(f"{name} must be an integer, got {v!r}", param=name)
+    return int(v)
+
+
+def _as_float(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise RequestError(f"{name} must be a number, got {v!r}", param=name)
+    return float(v)
 
 
 @dataclass(frozen=True)
@@ -34,18 +57,40 @@ class SamplingParams:
     priority: int = 0  # lower runs earlier
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        self._normalize()
         self._validate()
+
+    def _normalize(self) -> None:
+        """Check each field's type and store it as a plain Python value (numpy ints become int)."""
+        def put(name: str, value) -> None:
+            object.__setattr__(self, name, value)
+
+        for name in _INT_FIELDS:
+            put(name, _as_int(name, getattr(self, name)))
+        for name in _OPTIONAL_INT_FIELDS:
+            v = getattr(self, name)
+            put(name, None if v is None else _as_int(name, v))
+        for name in _FLOAT_FIELDS:
+            put(name, _as_float(name, getattr(self, name)))
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                raise RequestError(f"{name} must be true or false", param=name)
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        elif not isinstance(stop, (list, tuple)) or not all(isinstance(x, str) for x in stop):
+            raise RequestError("stop must be a string or a list of strings", param="stop")
+        put("stop", tuple(stop))
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)):
+            raise RequestError("stop_token_ids must be a list of integers", param="stop_token_ids")
+        put("stop_token_ids", tuple(_as_int("stop_token_ids", t) for t in ids))
 
     def _validate(self) -> None:
         def bad(param: str, msg: str) -> RequestError:
             return RequestError(f"{param} {msg}", param=param)
 
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if self.max_tokens < 1:
             raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
         if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 2.0:
             raise bad("temperature", f"must be in [0, 2], got {self.temperature}")
@@ -65,6 +110,10 @@ class SamplingParams:
             raise bad("n", f"must be between 1 and {MAX_N}, got {self.n}")
         if any(not s for s in self.stop):
             raise bad("stop", "must not contain an empty string")
+        if len(self.stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise bad("stop", f"allows at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters")
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"allows at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
@@ -74,7 +123,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below GREEDY_TEMPERATURE, logits / temperature would overflow float32; the result is the
+        # argmax anyway.
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     @property
     def uses_penalties(self) -> bool:

@@ -70,6 +70,11 @@ def test_bad_prompts_are_refused(llm, prompt, param, words):
     (dict(n=17), "n"), (dict(presence_penalty=2.5), "presence_penalty"),
     (dict(frequency_penalty=-3), "frequency_penalty"), (dict(stop=["ok", ""]), "stop"),
     (dict(min_p=1.5), "min_p"), (dict(logprobs=21), "logprobs"),
+    # wrong types are refused when the params are made, never inside a step
+    (dict(top_k=2.5), "top_k"), (dict(logprobs=1.5), "logprobs"), (dict(n=2.5), "n"),
+    (dict(priority=None), "priority"), (dict(max_tokens=True), "max_tokens"), (dict(stop=[5]), "stop"),
+    (dict(temperature="1"), "temperature"), (dict(seed=1.0), "seed"), (dict(ignore_eos=1), "ignore_eos"),
+    (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(stop=["x"] * 33), "stop"),
 ])
 def test_bad_sampling_params_name_the_param(kwargs, param):
     with pytest.raises(RequestError) as e:
@@ -77,20 +82,98 @@ def test_bad_sampling_params_name_the_param(kwargs, param):
     assert e.value.param == param and param in str(e.value)
 
 
+def test_refused_prompt_in_a_list_leaves_nothing_queued(llm):
+    with pytest.raises(RequestError) as e:
+        llm.generate([PROMPT, [5] * 4096], SamplingParams(max_tokens=2))
+    assert e.value.param == "prompt"
+    assert_idle(llm)
+    assert not llm.core.has_unfinished() and llm.processor.num_tracked == 0 and llm.num_unfinished == 0
+    out = llm.generate(PROMPT, SamplingParams(max_tokens=3, temperature=0))
+    assert len(out) == 1 and len(out[0].outputs[0].token_ids) == 3
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda llm: llm.generate([]), "no prompts"),
+    (lambda llm: llm.generate([1.7]), "integer token ids"),
+    (lambda llm: llm.generate([[1, 2], [True]]), "integer token ids"),
+    (lambda llm: llm.generate(PROMPT, "greedy"), "SamplingParams"),
+    (lambda llm: llm.chat([]), "non-empty"),
+    (lambda llm: llm.chat([[]]), "non-empty"),
+    (lambda llm: llm.chat([{"role": "user", "content": None}]), "text content"),
+])
+def test_malformed_calls_are_refused(llm, call, words):
+    with pytest.raises(RequestError) as e:
+        call(llm)
+    assert words in str(e.value)
+    assert_idle(llm)
+
+
+def test_array_prompts_are_accepted(llm):
+    import numpy as np
+
+    ids = llm.encode_prompt(PROMPT)
+    want = llm.generate(ids, SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids
+    got = llm.generate(np.array(ids), SamplingParams(max_tokens=3, temperature=0))[0].outputs[0].token_ids
+    assert got == want
+
+
+def test_abort_by_request_id_ends_every_choice(llm):
+    choices = llm.add_request(llm.encode_prompt(PROMPT),
+                              SamplingParams(n=3, max_tokens=20, temperature=1.0, seed=3, ignore_eos=True),
+                              request_id="grp")
+    assert choices == ["grp-0", "grp-1", "grp-2"]
+    stream = llm.stream()
+    next(stream)
+    llm.abort("grp")
+    finals = {d.request_id: d.finish_reason for d in stream if d.finish_reason is not None}
+    assert finals == {c: "abort" for c in choices}
+    assert_idle(llm)
+    assert llm.processor.num_tracked == 0 and llm.num_unfinished == 0
+
+
+def test_streaming_keeps_nothing_after_the_last_delta(llm):
+    for i in range(3):
+        llm.add_request(llm.encode_prompt(PROMPT), SamplingParams(max_tokens=2, n=2, seed=i))
+    finals = [d for d in llm.stream() if d.finish_reason is not None]
+    assert len(finals) == 6 and all(d.output is not None for d in finals)
+    assert llm.processor.num_tracked == 0 and llm.num_unfinished == 0
+
+
+def test_generate_refuses_while_streamed_requests_run(llm):
+    llm.add_request(llm.encode_prompt(PROMPT), SamplingParams(max_tokens=2), request_id="busy")
+    with pytest.raises(RequestError) as e:
+        llm.generate(PROMPT)
+    assert "idle" in str(e.value)
+    assert [d.finish_reason for d in llm.stream()][-1] == "length"
+    assert_idle(llm)
+
+
+def test_tiny_temperature_is_greedy(llm):
+    greedy = llm.generate(PROMPT, SamplingParams(max_tokens=6, temperature=0))[0].outputs[0].token_ids
+    for t in (1e-38, 1e-7):
+        out = llm.generate(PROMPT, SamplingParams(max_tokens=6, temperature=t, seed=0))
+        assert out[0].outputs[0].token_ids == greedy
+
+
 def test_abort_at_any_point_frees_every_block(default_engine):
     llm = LLM(default_engine, device="cpu", skip_verify=True, max_num_seqs=2, max_num_tokens=8)
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     ids = [llm.add_request(llm.encode_prompt(p), params)[0]
            for p in [PROMPT, "One two three four five six seven eight nine ten", "Hello"]]
-    llm.processor.process(llm.core.step())  # first chunk of prompt 1, 2 still prefilling
+    stream = llm.stream()
+    deltas = [next(stream)]  # first chunk of prompt 1, 2 still prefilling
     llm.abort(ids[1])  # mid-prefill (its 10+ token prompt needs two 8-token chunks)
     llm.abort(ids[2])  # still waiting
     for _ in range(5):
-        llm.processor.process(llm.core.step())
+        deltas.append(next(stream))
     llm.abort(ids[0])  # mid-decode
+    deltas += list(stream)
     assert not llm.core.has_unfinished()
-    assert [llm.processor.result(i).finish_reason for i in ids] == ["abort"] * 3
+    finals = {d.request_id: d for d in deltas if d.finish_reason is not None}
+    assert {i: finals[i].finish_reason for i in ids} == {i: "abort" for i in ids}
+    assert len(finals[ids[0]].output.token_ids) >= 1 and finals[ids[2]].output.token_ids == []
     assert_idle(llm)
+    assert llm.processor.num_tracked == 0 and llm.num_unfinished == 0
 
 
 def test_seeded_sampling_is_independent_of_the_batch(llm):
@@ -160,3 +243,4 @@ def test_chat_uses_the_models_template(llm):
     assert "Paris" in out.outputs[0].text
     text = llm.tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
     assert text.startswith("<|im_start|>system") and text.endswith("<|im_start|>assistant\n")
+    assert out.prompt == text  # the rendered prompt is returned

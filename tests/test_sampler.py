@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kiln.engine.request import Request
-from kiln.engine.sampler import Sampler, uniform_noise
+from kiln.engine.sampler import Sampler, uniform_noise, unit_interval
 from kiln.engine.sampling_metadata import SamplingMetadata, row_keys
 from kiln.sampling_params import SamplingParams
 
@@ -66,6 +66,17 @@ def test_noise_is_uniform_and_deterministic():
     k1, k2 = row_keys(seeds, steps)
     for i in range(3):
         assert (k1[i].item(), k2[i].item()) == row_keys(int(seeds[i]), int(steps[i]))
+
+
+def test_noise_never_reaches_0_or_1():
+    # Every 32-bit hash maps strictly inside (0, 1), so the Gumbel noise is finite: a U of exactly
+    # 1 would give +inf and pick a token the filters had removed. Check the extremes of the range.
+    h = torch.tensor([0, 1, 511, 512, 2**31, 2**32 - 513, 2**32 - 512, 2**32 - 2, 2**32 - 1],
+                     dtype=torch.int64)
+    u = unit_interval(h)
+    assert u.dtype == torch.float32 and u.min() > 0 and u.max() < 1
+    assert torch.isfinite(-torch.log(-torch.log(u))).all()
+    assert u[-1].item() == 1 - 2**-24 and u[0].item() == 2**-24
 
 
 MIXED = [

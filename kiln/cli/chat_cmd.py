@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         text = llm.tokenizer.apply_chat_template(history)
         ids = llm.tokenizer.encode(text, add_special_tokens=False)
         try:
-            rids = llm.add_request(ids, params)
+            llm.add_request(ids, params)
         except RequestError as e:
             print(f"kiln: {e} (use /reset)", file=sys.stderr)
             history.pop()
@@ -61,7 +61,5 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(d.text)
             sys.stdout.flush()
         sys.stdout.write("\n")
-        for r in rids:
-            llm.processor.result(r)
         history.append({"role": "assistant", "content": "".join(reply)})
     return 0

@@ -40,13 +40,16 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     rids = llm.add_request(ids, params)
     first = None
+    done = {}
     for d in llm.stream():
         first = first or time.perf_counter()
+        if d.output is not None:
+            done[d.request_id] = d.output
         if args.n == 1:
             sys.stdout.write(d.text)
             sys.stdout.flush()
     elapsed = time.perf_counter() - t0
-    results = [llm.processor.result(r) for r in rids]
+    results = [done[r] for r in rids]
     if args.n > 1:
         for r in results:
             print(f"--- choice {r.index} ({r.finish_reason}) ---\n{r.text}")

@@ -36,9 +36,17 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> 
 
 
 def _uniform(k1: torch.Tensor, k2: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    h = _token_hash(k1, k2, token_ids)
-    # Top 24 bits are exactly representable in float32: U = (m + 0.5) / 2**24.
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return unit_interval(_token_hash(k1, k2, token_ids))
+
+
+def unit_interval(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 uniforms strictly inside (0, 1).
+
+    U = (m + 0.5) / 2**23 for the top 23 bits m: m + 0.5 needs 24 significant bits, which float32
+    holds exactly, so the largest U is 1 - 2**-24 < 1. (With 24 bits, m + 0.5 would round up to
+    2**24 and give U = 1, -log(-log U) = inf: a uniformly random token, whatever the filters.)
+    """
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def _gumbel(meta: SamplingMetadata, token_ids: torch.Tensor) -> torch.Tensor:

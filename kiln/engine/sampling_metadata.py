@@ -62,7 +62,7 @@ class SamplingMetadata:
     batch_size: int
     vocab_size: int
     temperature: torch.Tensor  # float32; greedy rows hold 1.0 (they never divide)
-    greedy: torch.Tensor  # bool: temperature == 0 or top_k == 1
+    greedy: torch.Tensor  # bool: SamplingParams.greedy (temperature ~ 0 or top_k == 1)
     top_k: torch.Tensor  # int64; rows without top-k hold vocab_size
     top_p: torch.Tensor  # float32; 1.0 means off
     min_p: torch.Tensor  # float32; 0.0 means off

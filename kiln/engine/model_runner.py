@@ -70,7 +70,8 @@ def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 
 class ModelRunner:
     def __init__(self, manifest: EngineManifest, device: torch.device,
-                 kv_cache_memory: int | None = None, kv_cache_fraction: float = 0.9):
+                 kv_cache_memory: int | None = None, kv_cache_fraction: float = 0.9,
+                 map_weights: bool = False):
         t0 = time.perf_counter()
         self.manifest = manifest
         self.cfg = cfg = manifest.model
@@ -78,6 +79,8 @@ class ModelRunner:
         self.device = device
         self.dtype = manifest.dtype
         weights = load_weights(manifest, device)
+        if device.type == "cpu" and not map_weights:
+            weights = {name: t.clone() for name, t in weights.items()}  # see EngineOptions.map_weights
         with torch.device("meta"):
             model = LlamaModel(cfg)
         model.load_state_dict(weights, assign=True, strict=True)

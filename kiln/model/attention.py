@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -29,6 +29,7 @@ class AttentionMetadata:
     max_q: int
     max_kv: int  # max_blocks * block_size
     sliding_window: int | None = None
+    _bias: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def key_mask(self) -> torch.Tensor:
         """[B, 1, max_q, max_kv] bool: which keys each query may attend to."""
@@ -38,6 +39,15 @@ class AttentionMetadata:
         if self.sliding_window is not None:
             mask &= q - kpos[None, None, :] < self.sliding_window
         return mask[:, None]
+
+    def attn_bias(self, dtype: torch.dtype) -> torch.Tensor:
+        """`key_mask` as an additive bias (0 or -inf) in `dtype`, made once per step and shared by
+        every layer (a boolean mask would be converted again inside each SDPA call)."""
+        if self._bias is None or self._bias.dtype != dtype:
+            mask = self.key_mask()
+            self._bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, float("-inf"))
+        return self._bias
 
 
 class _Context(threading.local):
@@ -83,9 +93,6 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     qp = qp.view(b, meta.max_q, heads, hd).transpose(1, 2)
     keys = k_cache[meta.block_tables].reshape(b, meta.max_kv, kv_heads, hd).transpose(1, 2)
     values = v_cache[meta.block_tables].reshape(b, meta.max_kv, kv_heads, hd).transpose(1, 2)
-    if kv_heads != heads:
-        rep = heads // kv_heads
-        keys = keys.repeat_interleave(rep, dim=1)
-        values = values.repeat_interleave(rep, dim=1)
-    out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=meta.key_mask(), scale=scale)
+    out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=meta.attn_bias(q.dtype), scale=scale,
+                                         enable_gqa=kv_heads != heads)
     return out.transpose(1, 2).reshape(b * meta.max_q, heads, hd).index_select(0, meta.query_index)

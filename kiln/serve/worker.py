@@ -1,0 +1,158 @@
+"""The inference worker process: owns the EngineCore and runs its step loop.
+
+`python -m kiln.serve.worker --engine-dir DIR --commands ipc://... --outputs ipc://... --options JSON`
+
+It connects a PULL socket (commands from the API process) and a PUSH socket (outputs to it); the API
+process binds both on IPC paths in a private directory. Between steps it takes every pending command
+without blocking; when idle it blocks until one arrives. Detokenization and stop strings are the API
+process's job, so a step costs only scheduling, the forward pass and sampling. If the API process
+goes away, the worker exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import zmq
+
+from kiln.engine.core import EngineCore, EngineOptions, TokenEvent
+from kiln.engine.request import FinishReason, Request
+from kiln.errors import KilnError, RequestError
+from kiln.serve import protocol as P
+
+IDLE_POLL_MS = 500  # how often an idle worker checks that its parent is alive
+
+
+class Worker:
+    def __init__(self, core: EngineCore, commands: zmq.Socket, outputs: zmq.Socket):
+        self.core = core
+        self.commands = commands
+        self.outputs = outputs
+        m = core.manifest
+        self.eos_token_ids = tuple(m.eos_token_ids or m.model.eos_token_ids)
+        self._refused: list[P.Refused] = []
+        self._timings: list[P.Timing] = []
+        self._stopping = False
+        self._ack = 0
+
+    # ------------------------------------------------------------------ commands
+    def handle(self, msg: P.ToWorker) -> None:
+        if isinstance(msg, P.AddRequest):
+            self._add(msg)
+        elif isinstance(msg, P.Abort):
+            for rid in msg.request_ids:
+                self._finished(self.core.abort(rid))
+        elif isinstance(msg, P.Finish):
+            self._finished(self.core.finish(msg.request_id, FinishReason.STOP, msg.stop))
+        elif isinstance(msg, P.Ping):
+            self._ack = msg.seq
+        elif isinstance(msg, P.Shutdown):
+            self._stopping = True
+
+    def _add(self, msg: P.AddRequest) -> None:
+        reqs: list[Request] = []
+        for c in msg.choices:
+            reqs.append(Request(c.request_id, list(msg.prompt_token_ids), msg.params, arrival_time=msg.arrival_time,
+                                prefill_leader=reqs[0] if reqs else None, seed=c.seed,
+                                eos_token_ids=self.eos_token_ids))
+        added = []
+        try:
+            for r in reqs:
+                self.core.add_request(r)
+                added.append(r.request_id)
+        except RequestError as e:
+            for rid in added:
+                self.core.abort(rid)
+            self._refused.append(P.Refused(msg.choices[0].request_id, str(e), e.param))
+
+    def _finished(self, req: Request | None) -> None:
+        if req is not None:
+            self._timings.append(P.Timing(req.request_id, req.first_scheduled_time, req.first_token_time,
+                                          req.finished_time or time.monotonic(), req.num_cached_tokens,
+                                          req.num_preemptions))
+
+    def drain_commands(self, block: bool) -> bool:
+        """Handle every queued command; when `block`, wait up to IDLE_POLL_MS for the first.
+        Returns whether anything arrived."""
+        got = False
+        if block and not self.commands.poll(IDLE_POLL_MS):
+            return False
+        while True:
+            try:
+                raw = self.commands.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return got
+            got = True
+            try:
+                self.handle(P.to_worker_decoder.decode(raw))
+            except (ValueError, KilnError) as e:  # malformed message: the API process's bug
+                print(f"kiln worker: dropped a bad command: {e}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ outputs
+    def send(self, events: list[TokenEvent]) -> None:
+        tokens = []
+        for ev in events:
+            lp = ev.logprobs
+            reason = ev.finish_reason.value if ev.finish_reason is not None else None
+            stop = ev.request.stop_reason if isinstance(ev.request.stop_reason, int) else None
+            tokens.append(P.TokenOut(ev.request.request_id, ev.token_id, lp.logprob if lp else None,
+                                     lp.top if lp else None, reason, stop))
+            if reason is not None:
+                self._finished(ev.request)
+        s = self.core.scheduler.stats()
+        stats = P.Stats(s["running"], s["waiting"], s["free_blocks"], s["total_blocks"], s["kv_usage"],
+                        s["preemptions"], s["prefix_queries"], s["prefix_hits"], self.core.num_steps)
+        msg = P.StepOutputs(tokens, self._timings, self._refused, stats, self._ack)
+        self._timings, self._refused = [], []
+        self.outputs.send(P.encode(msg))
+
+    def run(self, parent_pid: int) -> int:
+        while not self._stopping:
+            busy = self.core.has_unfinished()
+            got = self.drain_commands(block=not busy)
+            if not busy and not got and os.getppid() != parent_pid:
+                return 0  # orphaned: the API process is gone
+            if self.core.has_unfinished():
+                self.send(self.core.step())
+            elif got:
+                self.send([])  # refusals, aborts and fresh stats without a step
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kiln-worker")
+    ap.add_argument("--engine-dir", required=True)
+    ap.add_argument("--commands", required=True)
+    ap.add_argument("--outputs", required=True)
+    ap.add_argument("--options", default="{}", help="EngineOptions as JSON")
+    ap.add_argument("--parent-pid", type=int, default=os.getppid())
+    args = ap.parse_args(argv)
+    ctx = zmq.Context()
+    commands = ctx.socket(zmq.PULL)
+    commands.connect(args.commands)
+    outputs = ctx.socket(zmq.PUSH)
+    outputs.connect(args.outputs)
+    try:
+        try:
+            core = EngineCore(args.engine_dir, EngineOptions(**json.loads(args.options)))
+        except (KilnError, TypeError, ValueError, OSError, RuntimeError) as e:
+            outputs.send(P.encode(P.LoadFailed(str(e).splitlines()[0] if str(e) else type(e).__name__)))
+            return 1
+        m = core.manifest
+        s = core.scheduler.config
+        outputs.send(P.encode(P.Ready(os.getpid(), m.model.to_dict(), m.profile.max_seq_len, s.max_num_seqs,
+                                      core.scheduler.stats()["total_blocks"], m.profile.block_size,
+                                      list(m.eos_token_ids or m.model.eos_token_ids), core.load_seconds)))
+        return Worker(core, commands, outputs).run(args.parent_pid)
+    finally:
+        commands.close(linger=0)
+        outputs.close(linger=1000)
+        ctx.term()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import numbers
 import secrets
@@ -11,7 +10,7 @@ from typing import Iterator, Sequence
 
 from kiln.engine.core import EngineCore, EngineOptions
 from kiln.engine.output_processor import Delta, OutputProcessor
-from kiln.engine.request import Request
+from kiln.engine.request import choice_ids, choice_requests, choice_seed
 from kiln.errors import RequestError
 from kiln.outputs import CompletionOutput, RequestOutput
 from kiln.sampling_params import SamplingParams
@@ -19,14 +18,6 @@ from kiln.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
 Messages = list[dict]
-
-
-def choice_seed(seed: int, index: int) -> int:
-    """Seed of choice `index` of an n > 1 request: distinct per choice, fixed for a given seed."""
-    if index == 0:
-        return seed
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def resolve_engine_dir(engine_dir: str | Path) -> Path:
@@ -87,12 +78,9 @@ class LLM:
         if rid in self._groups:
             raise RequestError(f"request id {rid!r} is already in use", param="request_id")
         base_seed = params.seed if params.seed is not None else secrets.randbits(63)
-        reqs: list[Request] = []
-        for i in range(params.n):
-            req = Request(f"{rid}-{i}" if params.n > 1 else rid, list(prompt_ids), params,
-                          seed=choice_seed(base_seed, i), eos_token_ids=self.eos_token_ids,
-                          prefill_leader=reqs[0] if reqs else None)
-            reqs.append(req)
+        ids = choice_ids(rid, params.n)
+        reqs = choice_requests([(c, choice_seed(base_seed, i)) for i, c in enumerate(ids)], prompt_ids,
+                               params, self.eos_token_ids)
         added: list[str] = []
         try:
             for i, req in enumerate(reqs):
@@ -157,12 +145,7 @@ class LLM:
         if not isinstance(messages, Sequence) or not messages:
             raise RequestError("messages must be a non-empty list", param="messages")
         convs = [messages] if isinstance(messages[0], dict) else list(messages)
-        texts = []
-        for conv in convs:
-            if not conv or not all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in conv):
-                raise RequestError("a conversation must be a non-empty list of {'role', 'content'} "
-                                   "messages with text content", param="messages")
-            texts.append(self.tokenizer.apply_chat_template(conv))
+        texts = [self.tokenizer.apply_chat_template(c) for c in convs]  # validates each conversation
         encoded = [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
         return self._run(texts, encoded, params)
 

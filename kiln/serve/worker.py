@@ -20,7 +20,7 @@ import time
 import zmq
 
 from kiln.engine.core import EngineCore, EngineOptions, TokenEvent
-from kiln.engine.request import FinishReason, Request
+from kiln.engine.request import FinishReason, Request, choice_requests
 from kiln.errors import KilnError, RequestError
 from kiln.serve import protocol as P
 
@@ -54,11 +54,8 @@ class Worker:
             self._stopping = True
 
     def _add(self, msg: P.AddRequest) -> None:
-        reqs: list[Request] = []
-        for c in msg.choices:
-            reqs.append(Request(c.request_id, list(msg.prompt_token_ids), msg.params, arrival_time=msg.arrival_time,
-                                prefill_leader=reqs[0] if reqs else None, seed=c.seed,
-                                eos_token_ids=self.eos_token_ids))
+        reqs = choice_requests([(c.request_id, c.seed) for c in msg.choices], msg.prompt_token_ids,
+                               msg.params, self.eos_token_ids, msg.arrival_time)
         added = []
         try:
             for r in reqs:

@@ -3,42 +3,16 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kiln.engine.model_runner import ModelRunner, TokenLogprobs
+from kiln.engine.events import TokenEvent, TokenLogprobs  # noqa: F401 (re-exported)
+from kiln.engine.model_runner import ModelRunner
+from kiln.engine.options import EngineOptions
 from kiln.engine.request import FinishReason, Request
 from kiln.engine.scheduler import Scheduler, SchedulerConfig
 from kiln.engine_dir import EngineManifest, read_manifest, verify_weights
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    """Runtime choices made at load; the engine directory fixes everything else."""
-
-    device: str | None = None  # None: cuda if available, else cpu
-    kv_cache_memory: int | None = None  # bytes; None: a fraction of free device memory
-    kv_cache_fraction: float = 0.9
-    max_num_seqs: int | None = None  # None: the profile's max batch size
-    max_num_tokens: int | None = None  # None: the profile's per-step token budget
-    enable_prefix_caching: bool = True
-    skip_verify: bool = False
-    # CPU only: compute straight from the memory-mapped weight file (shared page cache, no copy)
-    # instead of a private in-memory copy. Decode on the default model is ~20% slower mapped
-    # (4 KiB file pages against huge anonymous pages), so the copy is the default.
-    map_weights: bool = False
-
-
-@dataclass
-class TokenEvent:
-    """A request's new token from one step, and its finish if this step ended it."""
-
-    request: Request
-    token_id: int
-    logprobs: TokenLogprobs | None
-    finish_reason: FinishReason | None
 
 
 def pick_device(name: str | None) -> torch.device:

@@ -17,18 +17,13 @@ from kiln.engine.sampling_metadata import SamplingMetadata
 from kiln.engine.scheduler_output import SchedulerOutput
 from kiln.engine_dir import EngineManifest, load_weights
 from kiln.errors import EngineLoadError
+from kiln.engine.events import TokenLogprobs
 from kiln.model.attention import attention_context
 from kiln.model.layers import rope_cos_sin
 from kiln.model.llama import LlamaModel
 
 CPU_DEFAULT_KV_BYTES = 2 << 30  # the CPU pool never takes more than this unless asked
 CPU_DEFAULT_KV_FRACTION = 0.2  # ... nor more than this share of available memory
-
-
-@dataclass
-class TokenLogprobs:
-    logprob: float
-    top: list[tuple[int, float]]  # alternatives, best first
 
 
 @dataclass

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kiln.engine.core import TokenEvent
+from kiln.engine.events import TokenEvent
 from kiln.engine.detokenizer import IncrementalDetokenizer
 from kiln.engine.request import FinishReason, Request
 from kiln.outputs import CompletionOutput, RequestMetrics, TokenLogprob

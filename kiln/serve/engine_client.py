@@ -25,8 +25,8 @@ from typing import AsyncIterator
 import zmq
 import zmq.asyncio
 
-from kiln.engine.core import EngineOptions, TokenEvent
-from kiln.engine.model_runner import TokenLogprobs
+from kiln.engine.events import TokenEvent, TokenLogprobs
+from kiln.engine.options import EngineOptions
 from kiln.engine.output_processor import Delta, OutputProcessor
 from kiln.engine.request import FinishReason, Request, choice_ids, choice_requests, choice_seed
 from kiln.engine_dir import read_manifest

@@ -19,7 +19,9 @@ import time
 
 import zmq
 
-from kiln.engine.core import EngineCore, EngineOptions, TokenEvent
+from kiln.engine.core import EngineCore
+from kiln.engine.events import TokenEvent
+from kiln.engine.options import EngineOptions
 from kiln.engine.request import FinishReason, Request, choice_requests
 from kiln.errors import KilnError, RequestError
 from kiln.serve import protocol as P

@@ -1,4 +1,4 @@
-"""`kiln` command line: build, generate, chat. Errors caused by input print one line, no traceback."""
+"""`kiln` command line: build, generate, chat, serve. Errors caused by input print one line, no traceback."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def sampling_params(args: argparse.Namespace, **extra):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kiln.cli import build_cmd, chat_cmd, generate_cmd
+    from kiln.cli import build_cmd, chat_cmd, generate_cmd, serve_cmd
 
     parser = argparse.ArgumentParser(
         prog="kiln", description="Build LLM checkpoints into engines offline; generate from them.")
@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     build_cmd.register(sub)
     generate_cmd.register(sub)
     chat_cmd.register(sub)
+    serve_cmd.register(sub)
     return parser
 
 

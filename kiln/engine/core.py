@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from kiln.engine.events import TokenEvent, TokenLogprobs  # noqa: F401 (re-exported)
+from kiln.engine.events import TokenEvent
 from kiln.engine.model_runner import ModelRunner
 from kiln.engine.options import EngineOptions
 from kiln.engine.request import FinishReason, Request

@@ -39,6 +39,7 @@ class Delta:
     token_ids: list[int]
     finish_reason: str | None
     output: CompletionOutput | None = None
+    logprobs: list[TokenLogprob] | None = None  # of this delta's tokens, when asked for
 
 
 def metrics_of(req: Request) -> RequestMetrics:
@@ -77,8 +78,10 @@ class OutputProcessor:
             if t is None:
                 continue  # a token generated after a stop string or an abort already ended the choice
             t.token_ids.append(ev.token_id)
+            new_lps = None
             if t.logprobs is not None and ev.logprobs is not None:
-                t.logprobs.append(TokenLogprob(ev.token_id, ev.logprobs.logprob, ev.logprobs.top))
+                new_lps = [TokenLogprob(ev.token_id, ev.logprobs.logprob, ev.logprobs.top)]
+                t.logprobs.extend(new_lps)
             d = t.detok.add_tokens([ev.token_id])
             text = d.text
             if d.stop_string is None and ev.finish_reason is not None:
@@ -92,7 +95,8 @@ class OutputProcessor:
             elif ev.finish_reason is not None:
                 t.finish_reason = ev.finish_reason.value
                 t.stop_reason = ev.request.stop_reason
-            delta = Delta(ev.request.request_id, t.index, text, [ev.token_id], t.finish_reason)
+            delta = Delta(ev.request.request_id, t.index, text, [ev.token_id], t.finish_reason,
+                          logprobs=new_lps)
             if t.finish_reason is not None:
                 delta.output = self._close(ev.request.request_id)
             deltas.append(delta)

@@ -157,6 +157,20 @@ class EngineClient:
                 if self.alive:
                     await self._cmd.send(P.encode(P.Abort(sorted(open_ids))))
 
+    async def abort_all(self) -> int:
+        """End every open choice now with finish_reason "abort" (graceful shutdown past its
+        timeout): the final deltas go to their streams and the worker drops the requests."""
+        ids = sorted(self._mirrors)
+        for cid in ids:
+            self.processor.abort(cid)
+        for d in self.processor.process([]):
+            q = self._queues.get(d.request_id)
+            if q is not None:
+                q.put_nowait(d)
+        if ids and self.alive:
+            await self._cmd.send(P.encode(P.Abort(ids)))
+        return len(ids)
+
     def _forget(self, cid: str) -> None:
         self._mirrors.pop(cid, None)
         self._queues.pop(cid, None)

@@ -1,0 +1,103 @@
+"""Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` on every route.
+
+Handlers turn FastAPI's and Starlette's own errors (bad JSON, wrong types, unknown route, wrong
+method) into this shape, and anything unexpected into a 500 that names no file and has no trace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+from kiln.errors import RequestError
+
+log = logging.getLogger("kiln.serve")
+
+_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+    405: "invalid_request_error", 408: "timeout_error", 413: "invalid_request_error",
+    500: "internal_server_error", 503: "overloaded_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers or {}
+
+    @classmethod
+    def bad_request(cls, e: RequestError) -> "APIError":
+        return cls(400, str(e), e.param, "invalid_value")
+
+
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": _TYPES.get(status, "invalid_request_error"),
+                      "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+def error_bytes(status: int, message: str, param: str | None = None, code: str | None = None) -> bytes:
+    return json.dumps(error_body(status, message, param, code)).encode()
+
+
+def _validation_message(err: dict) -> tuple[str, str | None]:
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        ctx = err.get("ctx") or {}
+        return f"the body is not valid JSON: {ctx.get('error', 'parse error')}", None
+    if not loc:
+        if kind in ("model_attributes_type", "dict_type", "model_type"):
+            return "the body must be a JSON object", None
+        if kind == "missing":
+            return "the body is empty; send a JSON object", None
+        return f"invalid body: {err.get('msg', 'bad value')}", None
+    param = ".".join(loc)
+    if kind == "missing":
+        return f"{param} is required", param
+    if kind == "extra_forbidden":
+        return f"unknown field {param}", param
+    return f"{param}: {err.get('msg', 'invalid value')}", param
+
+
+def install_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request: Request, exc: RequestError):
+        return error_response(400, str(exc), exc.param, "invalid_value")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
+        # the first error names the field; the rest would only repeat the union's alternatives
+        return error_response(400, message, param, "invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            message = f"no route {request.url.path!r}"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path!r}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, message, None, None, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal server error", None, "internal_error")

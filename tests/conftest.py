@@ -50,3 +50,20 @@ def tiny_engine(tmp_path_factory, tiny_hf_dir) -> Path:
     from kiln.build.builder import build_engine
 
     return build_engine(tiny_hf_dir, tmp_path_factory.mktemp("tiny-engine") / "engine", progress=False)
+
+
+@pytest.fixture(scope="session")
+def server(default_engine):
+    """One `kiln serve` process of the default model, with an API key, shared by the HTTP tests
+    that leave it as they found it. At the end it must drain on SIGTERM, exit 0, leave no child."""
+    from serve_helpers import API_KEY, ServerProcess, children
+
+    srv = ServerProcess(default_engine, api_key=API_KEY)
+    try:
+        srv.wait_ready()
+        yield srv
+        pid = srv.proc.pid
+        assert srv.stop() == 0, srv.output()
+        assert children(pid) == []
+    finally:
+        srv.close()

@@ -9,7 +9,19 @@ from pathlib import Path
 from kiln.cli.main import add_engine_options, engine_options, parse_bytes
 from kiln.errors import KilnError
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def model_name(engine_dir: Path) -> str:
+    """The name the engine's source had: a checkpoint directory's name, or a GGUF file's stem
+    without its quantization suffix (SmolLM2-135M-Instruct.Q4_1.gguf -> SmolLM2-135M-Instruct);
+    the engine directory's name when the source is unknown."""
+    from kiln.engine_dir import read_manifest
+
+    path = (read_manifest(engine_dir).source or {}).get("path")
+    if not path:
+        return engine_dir.resolve().name
+    p = Path(path)
+    return p.name.split(".")[0] if p.suffix == ".gguf" else p.name
 
 
 def _positive(kind):
@@ -31,8 +43,8 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", metavar="NAME",
-                   help="the model name clients send (default: SmolLM2-135M-Instruct for the embedded "
-                        "model, else the engine directory's name)")
+                   help="the model name clients send (default: the source checkpoint's name, "
+                        "e.g. SmolLM2-135M-Instruct for the embedded model)")
     p.add_argument("--api-key", metavar="KEY", default=None,
                    help="require 'Authorization: Bearer KEY' (default: $KILN_API_KEY; none if unset)")
     p.add_argument("--metrics-auth", action="store_true", help="/metrics needs the API key too")
@@ -63,17 +75,17 @@ def run(args: argparse.Namespace) -> int:
     if args.engine_dir == "default":
         from kiln.build.default_model import ensure_default_engine
 
-        engine_dir, name = ensure_default_engine(), DEFAULT_MODEL_NAME
+        engine_dir = ensure_default_engine()
     else:
         engine_dir = Path(args.engine_dir)
         if not (engine_dir / "manifest.json").is_file():
             raise KilnError(f"{engine_dir} is not an engine directory (no manifest.json); "
                             f"build one with `kiln build`")
-        name = engine_dir.resolve().name
+    name = args.served_model_name or model_name(engine_dir)
     api_key = args.api_key if args.api_key is not None else os.environ.get("KILN_API_KEY") or None
     opts = engine_options(args)
     cfg = ServeConfig(
-        engine_dir=engine_dir, served_model_name=args.served_model_name or name, api_key=api_key,
+        engine_dir=engine_dir, served_model_name=name, api_key=api_key,
         max_num_seqs=opts.pop("max_num_seqs"), max_queue=args.max_queue,
         max_queued_tokens=args.max_queued_tokens, request_timeout=args.request_timeout,
         shutdown_timeout=args.shutdown_timeout, max_body_bytes=args.max_body_bytes,

@@ -50,6 +50,9 @@ class _EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting: in the API queue and in the engine.",
                     s["waiting"])
         yield gauge("kv_cache_usage_perc", "Share of KV cache blocks in use (0 to 1).", s["kv_usage"])
+        yield gauge("kv_cache_free_blocks", "KV cache blocks free (cached prefixes count as free).",
+                    s["free_blocks"])
+        yield gauge("kv_cache_total_blocks", "KV cache blocks in the pool.", s["total_blocks"])
         yield counter("num_preemptions", "Sequences preempted for lack of KV blocks.", s["preemptions"])
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       s["prefix_queries"])

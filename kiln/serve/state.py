@@ -81,7 +81,7 @@ class ServerState:
         queued = self.admission.waiting if self.admission else 0
         return {"running": s.running, "waiting": s.waiting + queued, "kv_usage": s.kv_usage,
                 "preemptions": s.preemptions, "prefix_queries": s.prefix_queries,
-                "prefix_hits": s.prefix_hits}
+                "prefix_hits": s.prefix_hits, "free_blocks": s.free_blocks, "total_blocks": s.total_blocks}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -1,0 +1,118 @@
+"""A real `kiln serve` process on a free loopback port, for the HTTP tests.
+
+`ServerProcess(engine, *args)` starts `python -m kiln.cli.main serve ENGINE --port P ...` with its
+output in a log file; `wait_ready()` polls /ready; `stop()` sends SIGTERM and returns the exit
+code; `children()` lists its live child processes (read from /proc). `metrics()` parses /metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+API_KEY = "kiln-test-key-0123"
+MODEL = "SmolLM2-135M-Instruct"
+BASE_ARGS = ["--device", "cpu", "--skip-verify", "--kv-cache-memory", "64MiB", "--no-access-log"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[1]) == pid and fields[0] != "Z":
+                out.append(int(d.name))
+    return out
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """`name{labels}` -> value for every sample line."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+class ServerProcess:
+    def __init__(self, engine: str | Path, *args: str, api_key: str | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        self.log = tempfile.NamedTemporaryFile(prefix="kiln-serve-", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "kiln.cli.main", "serve", str(engine), "--port", str(self.port),
+               *BASE_ARGS, *args]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.started = time.monotonic()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 120.0) -> float:
+        """Seconds from process start until /ready answered 200."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=1.0).status_code == 200:
+                    return time.monotonic() - self.started
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
+
+    def metrics(self) -> dict[str, float]:
+        r = httpx.get(self.url + "/metrics", headers=self.headers, timeout=5.0)
+        r.raise_for_status()
+        return parse_metrics(r.text)
+
+    def engine_idle(self) -> bool:
+        m = self.metrics()
+        lab = f'{{model_name="{MODEL}"}}'
+        return (m.get(f"kiln:num_requests_running{lab}") == 0 and m.get(f"kiln:num_requests_waiting{lab}") == 0
+                and m.get(f"kiln:kv_cache_free_blocks{lab}") == m.get(f"kiln:kv_cache_total_blocks{lab}"))
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            for pid in children(self.proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+        os.unlink(self.log.name)

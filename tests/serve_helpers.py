@@ -43,14 +43,24 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def parse_metrics(text: str) -> dict[str, float]:
-    """`name{labels}` -> value for every sample line."""
+def parse_metrics(text: str) -> dict[tuple[str, frozenset], float]:
+    """(name, frozenset of (label, value)) -> value, for every sample line of the text format."""
     out = {}
     for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            out[key] = float(value)
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        name, _, labels = key.partition("{")
+        pairs = frozenset(tuple(kv.split("=", 1)) for kv in labels.rstrip("}").split(",") if kv)
+        out[name, frozenset((k, v.strip('"')) for k, v in pairs)] = float(value)
     return out
+
+
+class Metrics(dict):
+    def get_value(self, name: str, **labels: str) -> float | None:
+        """The sample of `name` with these labels (model_name defaults to the test model)."""
+        labels.setdefault("model_name", MODEL)
+        return self.get((name, frozenset(labels.items())))
 
 
 class ServerProcess:
@@ -87,16 +97,15 @@ class ServerProcess:
             time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
 
-    def metrics(self) -> dict[str, float]:
+    def metrics(self) -> Metrics:
         r = httpx.get(self.url + "/metrics", headers=self.headers, timeout=5.0)
         r.raise_for_status()
-        return parse_metrics(r.text)
+        return Metrics(parse_metrics(r.text))
 
     def engine_idle(self) -> bool:
         m = self.metrics()
-        lab = f'{{model_name="{MODEL}"}}'
-        return (m.get(f"kiln:num_requests_running{lab}") == 0 and m.get(f"kiln:num_requests_waiting{lab}") == 0
-                and m.get(f"kiln:kv_cache_free_blocks{lab}") == m.get(f"kiln:kv_cache_total_blocks{lab}"))
+        return (m.get_value("kiln:num_requests_running") == 0 and m.get_value("kiln:num_requests_waiting") == 0
+                and m.get_value("kiln:kv_cache_free_blocks") == m.get_value("kiln:kv_cache_total_blocks"))
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:

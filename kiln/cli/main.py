@@ -76,7 +76,7 @@ def sampling_params(args: argparse.Namespace, **extra):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kiln.cli import build_cmd, chat_cmd, generate_cmd, serve_cmd
+    from kiln.cli import bench_cmd, build_cmd, chat_cmd, generate_cmd, serve_cmd
 
     parser = argparse.ArgumentParser(
         prog="kiln", description="Build LLM checkpoints into engines offline; generate from them.")
@@ -86,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.register(sub)
     chat_cmd.register(sub)
     serve_cmd.register(sub)
+    bench_cmd.register(sub)
     return parser
 
 

@@ -51,24 +51,41 @@ def error_bytes(status: int, message: str, param: str | None = None, code: str |
     return json.dumps(error_body(status, message, param, code)).encode()
 
 
-def _validation_message(err: dict) -> tuple[str, str | None]:
-    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _param(loc) -> str | None:
+    """Dotted field path of a pydantic error location, without "body" and union-member tags."""
+    parts = []
+    for x in loc:
+        x = str(x)
+        if x == "body" and not parts:
+            continue
+        if x in _TYPE_TAGS or "[" in x or "-" in x:
+            break
+        parts.append(x)
+    return ".".join(parts) or None
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
+    err = errors[0]
     kind = err.get("type", "")
+    param = _param(err.get("loc", ()))
     if kind == "json_invalid":
         ctx = err.get("ctx") or {}
         return f"the body is not valid JSON: {ctx.get('error', 'parse error')}", None
-    if not loc:
+    if param is None:
         if kind in ("model_attributes_type", "dict_type", "model_type"):
             return "the body must be a JSON object", None
         if kind == "missing":
             return "the body is empty; send a JSON object", None
         return f"invalid body: {err.get('msg', 'bad value')}", None
-    param = ".".join(loc)
     if kind == "missing":
         return f"{param} is required", param
-    if kind == "extra_forbidden":
-        return f"unknown field {param}", param
-    return f"{param}: {err.get('msg', 'invalid value')}", param
+    # a union reports one error per alternative: name them all
+    msgs = list(dict.fromkeys(e.get("msg", "invalid value") for e in errors
+                              if _param(e.get("loc", ())) == param))
+    return f"{param}: {'; or '.join(msgs)}", param
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -82,9 +99,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
-        # the first error names the field; the rest would only repeat the union's alternatives
+        errors = list(exc.errors())
+        message, param = _validation_message(errors) if errors else ("invalid request", None)
         return error_response(400, message, param, "invalid_value")
 
     @app.exception_handler(StarletteHTTPException)

@@ -84,7 +84,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if state.phase is Phase.DEAD:
+        if state.serving_phase() is Phase.DEAD:
             return error_response(503, "the inference worker is not running", None, "dead")
         return {"status": "ok"}
 

@@ -39,12 +39,13 @@ RETRY_AFTER_S = "1"
 
 def unavailable(state: ServerState) -> APIError | None:
     """The 503 for a server that does not take new work now, or None."""
-    if state.phase is Phase.READY:
+    phase = state.serving_phase()
+    if phase is Phase.READY:
         return None
     msg = {Phase.LOADING: "the model is still loading; retry shortly",
            Phase.DRAINING: "the server is shutting down",
-           Phase.DEAD: "the inference worker is not running"}[state.phase]
-    return APIError(503, msg, None, state.phase.value, {"Retry-After": RETRY_AFTER_S})
+           Phase.DEAD: "the inference worker is not running"}[phase]
+    return APIError(503, msg, None, phase.value, {"Retry-After": RETRY_AFTER_S})
 
 
 def check_model(state: ServerState, model: str | None) -> None:
@@ -120,6 +121,17 @@ def _fit(state: ServerState, ids: list[int], params: SamplingParams, body, mt_na
                            param=mt_name)
     else:
         max_tokens = asked
+    ready = state.client.ready
+    room = ready.total_blocks * ready.block_size  # one sequence alone can use the whole KV pool
+    if len(ids) + max_tokens > room:
+        if asked is not None:
+            raise RequestError(f"the prompt has {len(ids)} tokens and {mt_name} is {asked}: together "
+                               f"{len(ids) + asked}, more than the KV cache holds ({room} tokens)",
+                               param=mt_name)
+        if len(ids) >= room:
+            raise RequestError(f"the prompt has {len(ids)} tokens, more than the KV cache holds "
+                               f"({room} tokens)", param=prompt_param)
+        max_tokens = room - len(ids)
     if body.min_tokens > max_tokens:
         raise RequestError(f"min_tokens must be at most {mt_name} ({max_tokens}), got {body.min_tokens}",
                            param="min_tokens")
@@ -213,9 +225,9 @@ class _Tracker:
                        sum(len(o.token_ids) for o in self.finals.values()), cached)
 
     def done(self) -> None:
-        outs = list(self.finals.values())
-        if outs:
-            self.state.metrics.finished(self.arrival, sum(len(p) for p in self.job.prompts), outs)
+        expected = len(self.job.prompts) * self.job.params[0].n
+        self.state.metrics.finished(self.arrival, sum(len(p) for p in self.job.prompts),
+                                    list(self.finals.values()), complete=len(self.finals) == expected)
 
 
 async def _until_disconnect(receive) -> None:
@@ -223,6 +235,22 @@ async def _until_disconnect(receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def _wait_turn(adm, ticket: Ticket, timeout: float, receive) -> bool:
+    """Wait for a running slot, or until the client disconnects (returns False)."""
+    if ticket.granted:
+        return True
+    turn = asyncio.create_task(adm.wait(ticket, timeout))
+    gone = asyncio.create_task(_until_disconnect(receive))
+    await asyncio.wait({turn, gone}, return_when=asyncio.FIRST_COMPLETED)
+    for t in (turn, gone):
+        t.cancel()
+    await asyncio.gather(turn, gone, return_exceptions=True)
+    if turn.cancelled():
+        return False
+    turn.result()  # re-raises TimeoutError or Overloaded
+    return True
 
 
 def _err_event(status: int, message: str, code: str) -> bytes:
@@ -339,7 +367,7 @@ async def handle(state: ServerState, body: ChatCompletionRequest | CompletionReq
     check_model(state, body.model)
     err = unavailable(state)
     if err is not None:
-        m.rejected("draining" if state.phase is Phase.DRAINING else "loading")
+        m.rejected("draining" if state.phase is Phase.DRAINING else "loading")  # or dead
         raise err
     try:
         params, mt_name = _sampling(body, chat)
@@ -370,7 +398,10 @@ async def handle(state: ServerState, body: ChatCompletionRequest | CompletionReq
     try:
         job = await _prepare(state, body, chat, params, mt_name, raw_prompts)
         adm.set_tokens(ticket, sum(len(p) for p in job.prompts))
-        await adm.wait(ticket, state.cfg.request_timeout)
+        if not await _wait_turn(adm, ticket, state.cfg.request_timeout, request.receive):
+            adm.release(ticket)
+            m.rejected("client_gone")
+            return Response(status_code=499)  # the client left while waiting; nobody to answer
     except RequestError:
         adm.release(ticket)
         m.rejected("invalid")

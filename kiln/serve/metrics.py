@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from kiln.outputs import CompletionOutput
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+disable_created_metrics()  # no `*_created` series: they double the exposition for nothing we use
 
 _LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                     7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
@@ -91,17 +93,20 @@ class ServerMetrics:
                                  ["model_name", "reason"], registry=r)
         for reason in ("stop", "length", "abort"):
             self._success.labels(model, reason)
-        for reason in ("queue_full", "queued_tokens", "timeout", "draining", "loading", "invalid"):
+        for reason in ("queue_full", "queued_tokens", "timeout", "draining", "loading", "invalid",
+                       "client_gone"):
             self._rejected.labels(model, reason)
         r.register(_EngineCollector(model, engine_state))
 
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model, reason).inc()
 
-    def finished(self, arrival: float, prompt_tokens: int, outputs: list[CompletionOutput]) -> None:
-        """Observe one finished request (every choice of every prompt in it)."""
+    def finished(self, arrival: float, prompt_tokens: int, outputs: list[CompletionOutput],
+                 complete: bool = True) -> None:
+        """Observe one finished request (every choice of every prompt in it). `complete` is False
+        when the client left before every choice ended: the request counts as aborted."""
         reason = "stop"
-        if any(o.finish_reason == "abort" for o in outputs):
+        if not complete or any(o.finish_reason == "abort" for o in outputs):
             reason = "abort"
         elif any(o.finish_reason == "length" for o in outputs):
             reason = "length"

@@ -66,6 +66,12 @@ class ServerState:
         self._closing = False
         self._tasks: list[asyncio.Task] = []
 
+    def serving_phase(self) -> Phase:
+        """The phase, noticing a dead worker at once (the watcher polls every 100 ms)."""
+        if self.phase is Phase.READY and not self.client.alive:
+            return Phase.DEAD
+        return self.phase
+
     @property
     def max_seq_len(self) -> int:
         return self.client.ready.max_seq_len if self.client.ready else self.client.manifest.profile.max_seq_len

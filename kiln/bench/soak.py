@@ -29,13 +29,18 @@ OUTCOMES = ("ok", "cancelled", "invalid_rejected_as_expected", "invalid_not_reje
             "overloaded_503", "timeout_408", "unexpected_4xx", "unexpected_5xx",
             "connection_errors", "stream_error_events", "bad_response")
 P_INVALID, P_CANCEL = 0.05, 0.10
-INVALID = ("temperature_5", "max_tokens_0", "empty_prompt", "malformed_json", "unknown_model",
-           "too_long")
+INVALID = {  # what is wrong on purpose -> the change to a chat (True) or completion body
+    "temperature_5": lambda chat: {"temperature": 5},
+    "max_tokens_0": lambda chat: {"max_tokens": 0},
+    "empty_prompt": lambda chat: {"messages": []} if chat else {"prompt": ""},
+    "unknown_model": lambda chat: {"model": "no-such-model"},
+    "too_long": lambda chat: {"max_tokens": 10**7},
+    "malformed_json": lambda chat: {},  # the JSON text is cut short
+}
 IDLE_WAIT_S = 10.0
 PROGRESS_EVERY_S = 30.0
-# option -> (exclusive lower bound, inclusive upper bound)
-BOUNDS = {"minutes": (0, 1440), "rate": (0, 1000), "max_tokens": (0, 4096), "concurrency_limit": (0, 4096),
-          "request_timeout": (0, 3600)}
+BOUNDS = {"minutes": (0, 1440), "rate": (0, 1000), "max_tokens": (0, 4096),  # (exclusive, inclusive)
+          "concurrency_limit": (0, 4096), "request_timeout": (0, 3600)}
 GAUGES = {"kiln:kv_cache_free_blocks": "free_blocks", "kiln:kv_cache_total_blocks": "total_blocks",
           "kiln:num_requests_running": "running", "kiln:num_requests_waiting": "waiting"}
 WORDS = ("the a of and to in is it that was for on are with as at be this have from or one had by "
@@ -56,7 +61,7 @@ class SoakConfig:
     max_tokens: int = 64
     concurrency_limit: int = 64  # arrivals past this many in flight wait for a slot
     server_pid: int | None = None
-    request_timeout: float = 300.0  # client-side; a request that times out counts as a connection error
+    request_timeout: float = 300.0  # client-side; a request past it counts as a connection error
 
     def check(self) -> None:
         if not self.base_url.startswith(("http://", "https://")):
@@ -64,7 +69,8 @@ class SoakConfig:
         for name, (lo, hi) in BOUNDS.items():
             v = getattr(self, name)
             if not lo < v <= hi:  # also refuses NaN
-                raise KilnError(f"--{name.replace('_', '-')} must be more than {lo} and at most {hi}, got {v}")
+                raise KilnError(f"--{name.replace('_', '-')} must be more than {lo} and at most {hi}, "
+                                f"got {v}")
         if self.server_pid is not None and not Path(f"/proc/{self.server_pid}/status").exists():
             raise KilnError(f"--server-pid {self.server_pid}: no such process")
 
@@ -81,7 +87,7 @@ class Req:
 
 def draw(r: random.Random, model: str, max_tokens: int) -> Req:
     chat, stream, u, temp = r.random() < 0.5, r.random() < 0.5, r.random(), r.choice((0.0, 0.7))
-    invalid = r.choice(INVALID) if u < P_INVALID else None
+    invalid = r.choice(list(INVALID)) if u < P_INVALID else None
     cancel = not invalid and u < P_INVALID + P_CANCEL
     prompt = " ".join(r.choices(WORDS, k=round(math.exp(r.uniform(math.log(3), math.log(300))))))
     body: dict = {"model": model, "temperature": temp,
@@ -91,16 +97,7 @@ def draw(r: random.Random, model: str, max_tokens: int) -> Req:
     body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
     if stream:
         body.update(stream=True, stream_options={"include_usage": True})
-    if invalid == "temperature_5":
-        body["temperature"] = 5
-    elif invalid == "max_tokens_0":
-        body["max_tokens"] = 0
-    elif invalid == "empty_prompt":
-        body.update({"messages": []} if chat else {"prompt": ""})
-    elif invalid == "unknown_model":
-        body["model"] = "no-such-model"
-    elif invalid == "too_long":
-        body["max_tokens"] = 10**7
+    body.update(INVALID[invalid](chat) if invalid else {})
     raw = json.dumps(body)
     if invalid == "malformed_json":
         raw = raw[: r.randint(1, len(raw) - 1)]  # a cut object is never valid JSON
@@ -121,17 +118,13 @@ def is_openai_error(body: bytes) -> bool:
 
 
 def error_outcome(status: int, body: bytes, invalid: str | None) -> str:
-    if status == 503:
-        return "overloaded_503"
-    if status == 408:
-        return "timeout_408"
+    if status in (408, 503):
+        return "timeout_408" if status == 408 else "overloaded_503"
     if status >= 500:
         return "unexpected_5xx"
-    if 400 <= status < 500:
-        if invalid:
-            return "invalid_rejected_as_expected" if is_openai_error(body) else "invalid_not_rejected"
-        return "unexpected_4xx"
-    return "bad_response"
+    if 400 <= status < 500 and invalid:
+        return "invalid_rejected_as_expected" if is_openai_error(body) else "invalid_not_rejected"
+    return "unexpected_4xx" if 400 <= status < 500 else "bad_response"
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -153,35 +146,36 @@ def process_tree(pid: int) -> list[int]:
     """pid and its live descendants, from the ppid field of /proc/*/stat."""
     kids: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
+        try:
+            stat = (d / "stat").read_text() if d.name.isdigit() else ""
+        except OSError:
+            continue
+        if stat:
             state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
             if state != "Z":
                 kids.setdefault(int(ppid), []).append(int(d.name))
     tree, todo = [], [pid]
     while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(kids.get(p, ()))
+        tree.append(todo.pop())
+        todo.extend(kids.get(tree[-1], ()))
     return tree
 
 
 def rss_kib(pid: int) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
     except OSError:
-        pass
-    return 0
+        return 0
+    return next((int(x.split()[1]) for x in lines if x.startswith("VmRSS:")), 0)
 
 
 def percentile(xs: list[float], q: float) -> float | None:
     xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, math.ceil(q * len(xs)) - 1))] if xs else None
+    return round(xs[max(0, math.ceil(q * len(xs)) - 1)], 3) if xs else None
+
+
+def one_line(e: Exception) -> str:
+    return (str(e).splitlines() or [type(e).__name__])[0]
 
 
 class Soak:
@@ -193,22 +187,12 @@ class Soak:
 
     async def run(self) -> dict:
         cfg = self.cfg
-        headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
         async with httpx.AsyncClient(
-                base_url=cfg.base_url.rstrip("/"), headers=headers,
-                timeout=httpx.Timeout(cfg.request_timeout, connect=10.0),
+                base_url=cfg.base_url.rstrip("/"), timeout=httpx.Timeout(cfg.request_timeout, connect=10.0),
+                headers={"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {},
                 limits=httpx.Limits(max_connections=cfg.concurrency_limit + 2)) as self.client:
-            try:
-                r = await self.client.get("/ready", timeout=10.0)
-            except httpx.HTTPError as e:
-                raise KilnError(f"cannot reach {cfg.base_url}: {e or type(e).__name__}") from None
-            if r.status_code != 200:
-                raise KilnError(f"{cfg.base_url}/ready answered {r.status_code}; the server is not ready")
-            model = cfg.model or await self._first_model()
+            model = await self._prepare()
             start = await self._health()
-            if "error" in start:  # kiln reports engine gauges only once the worker sent stats
-                await self._warm_up(model)
-                start = await self._health()
             if "error" in start:
                 raise KilnError(start["error"])
             t0 = time.monotonic()
@@ -217,36 +201,33 @@ class Soak:
             end = await self._health()
         return self._report(model, duration, start, end)
 
-    async def _first_model(self) -> str:
-        r = await self.client.get("/v1/models", timeout=10.0)
+    async def _prepare(self) -> str:
+        """Checks the server is ready, finds the model name, and sends one tiny request (a fresh
+        kiln server has no engine gauges in /metrics until its worker has reported once)."""
+        c, step = self.client, f"GET {self.cfg.base_url}/ready"
         try:
-            r.raise_for_status()
-            return r.json()["data"][0]["id"]
-        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError):
-            raise KilnError(f"GET /v1/models answered {r.status_code}; pass --model "
-                            f"(and --api-key if the server needs one)") from None
-
-    async def _warm_up(self, model: str) -> None:
-        body = {"model": model, "prompt": "hello", "max_tokens": 1}
-        try:
-            await self.client.post("/v1/completions", json=body)
-        except httpx.HTTPError as e:
-            raise KilnError(f"POST /v1/completions failed: {e or type(e).__name__}") from None
+            (await c.get("/ready", timeout=10.0)).raise_for_status()
+            step = "GET /v1/models (pass --model, or --api-key if the server needs one)"
+            model = self.cfg.model or (await c.get("/v1/models")).raise_for_status().json()["data"][0]["id"]
+            step = "a 1-token warm-up request"
+            body = {"model": model, "prompt": "hello", "max_tokens": 1}
+            (await c.post("/v1/completions", json=body)).raise_for_status()
+            return model
+        except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as e:
+            raise KilnError(f"{step} failed: {one_line(e)}") from None
 
     async def _health(self) -> dict:
         """Waits up to IDLE_WAIT_S for running == waiting == 0, then reads the gauges and RSS."""
         deadline = time.monotonic() + IDLE_WAIT_S
         while True:
             try:
-                r = await self.client.get("/metrics", timeout=10.0)
+                r = (await self.client.get("/metrics", timeout=10.0)).raise_for_status()
             except httpx.HTTPError as e:
-                return {"error": f"GET /metrics failed: {e or type(e).__name__}"}
-            if r.status_code != 200:
-                return {"error": f"GET /metrics answered {r.status_code} (needs --api-key?)"}
+                return {"error": f"GET /metrics failed: {one_line(e)}"}
             m = parse_metrics(r.text)
             missing = [name for name, key in GAUGES.items() if key not in m]
             if missing:
-                return {"error": f"/metrics has no {', '.join(missing)}; is this a ready kiln server?"}
+                return {"error": f"/metrics has no {', '.join(missing)}; is this a kiln server?"}
             m = {k: int(v) for k, v in m.items()}
             m["idle"] = m["running"] == 0 and m["waiting"] == 0
             if m["idle"] or time.monotonic() > deadline:
@@ -261,10 +242,7 @@ class Soak:
         cfg = self.cfg
         arrivals, slots, tasks = random.Random(cfg.seed), asyncio.Semaphore(cfg.concurrency_limit), []
         t0 = at = last_progress = time.monotonic()
-        while True:
-            at += arrivals.expovariate(cfg.rate)
-            if at >= t0 + cfg.minutes * 60:
-                break
+        while (at := at + arrivals.expovariate(cfg.rate)) < t0 + cfg.minutes * 60:
             await asyncio.sleep(max(0.0, at - time.monotonic()))
             req = draw(random.Random(f"{cfg.seed}:{len(tasks)}"), model, cfg.max_tokens)
             tasks.append(asyncio.create_task(self._one(req, slots)))
@@ -278,14 +256,10 @@ class Soak:
         async with slots:
             self.sent += 1
             t = time.monotonic()
-            try:
-                if req.cancel_after is None:
-                    outcome, tokens = await self._send(req)
-                else:
-                    try:
-                        outcome, tokens = await asyncio.wait_for(self._send(req), req.cancel_after)
-                    except TimeoutError:
-                        outcome, tokens = "cancelled", 0
+            try:  # httpx's own timeouts are TransportErrors, not TimeoutError
+                outcome, tokens = await asyncio.wait_for(self._send(req), req.cancel_after)
+            except TimeoutError:
+                outcome, tokens = "cancelled", 0
             except httpx.TransportError:
                 outcome, tokens = "connection_errors", 0
             except (ValueError, KeyError, TypeError, httpx.HTTPError):
@@ -308,8 +282,7 @@ class Soak:
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+                if (data := line[5:].strip()) == "[DONE]":
                     return "ok", tokens
                 event = json.loads(data)
                 if "error" in event:
@@ -317,7 +290,7 @@ class Soak:
                 tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
                 events += 1
                 if events == req.cancel_events:
-                    return "cancelled", 0
+                    return "cancelled", 0  # leaving the block closes the connection mid-stream
             return "connection_errors", 0  # the stream ended without [DONE]
 
     def _report(self, model: str, duration: float, start: dict, end: dict) -> dict:
@@ -325,7 +298,7 @@ class Soak:
         rep = {"base_url": cfg.base_url, "model": model, "seed": cfg.seed, "minutes": cfg.minutes,
                "rate": cfg.rate, "max_tokens": cfg.max_tokens, "duration_s": round(duration, 2),
                "requests_sent": self.sent, "outcomes": self.counts, "completion_tokens": self.tokens,
-               "latency_ok_s": {"p50": percentile(self.latencies, 0.5), "p99": percentile(self.latencies, 0.99)},
+               "latency_ok_s": {q: percentile(self.latencies, p) for q, p in (("p50", 0.5), ("p99", 0.99))},
                "server": {"start": start, "end": end}}
         rep["reason"] = verdict(rep)
         rep["passed"] = rep["reason"] is None
@@ -335,41 +308,37 @@ class Soak:
 def verdict(rep: dict) -> str | None:
     """Why the run failed, or None."""
     c, start, end = rep["outcomes"], rep["server"]["start"], rep["server"]["end"]
-    for key, what in (("unexpected_5xx", "unexpected 5xx responses"), ("connection_errors", "connection errors"),
+    for key, what in (("unexpected_5xx", "unexpected 5xx responses"),
+                      ("connection_errors", "connection errors or client timeouts"),
                       ("invalid_not_rejected", "invalid requests not refused with an OpenAI-shaped 4xx"),
                       ("bad_response", "unparseable responses")):
         if c[key]:
             return f"{c[key]} {what}"
     if "error" in end:
-        return f"after the traffic: {end['error']}"
-    if not end["idle"]:
-        return (f"the server was not idle {IDLE_WAIT_S:g} s after the traffic "
-                f"({end['running']} running, {end['waiting']} waiting)")
+        return f"after the traffic, {end['error']}"
+    for when, m in (("before", start), ("after", end)):
+        if not m["idle"]:
+            return (f"the server was not idle within {IDLE_WAIT_S:g} s {when} the traffic "
+                    f"({m['running']} running, {m['waiting']} waiting)")
     if end["free_blocks"] != start["free_blocks"]:
-        return f"free KV blocks {start['free_blocks']} at the start but {end['free_blocks']} at the end"
+        return f"{start['free_blocks']} free KV blocks at the start but {end['free_blocks']} at the end"
     return None
 
 
 def format_report(rep: dict) -> str:
-    s, e = rep["server"]["start"], rep["server"]["end"]
-    lat = rep["latency_ok_s"]
-
-    def sec(v):
-        return "-" if v is None else f"{v:.3f} s"
-
-    def both(key):
-        return f"{s.get(key, '-')!s:>12} {e.get(key, '-')!s:>12}"
-
+    s, e, lat = rep["server"]["start"], rep["server"]["end"], rep["latency_ok_s"]
+    sec = {q: "-" if v is None else f"{v:.3f} s" for q, v in lat.items()}
     lines = [f"soak of {rep['base_url']} ({rep['model']}): {rep['duration_s']} s at {rep['rate']:g} req/s, "
              f"seed {rep['seed']}", f"{'requests sent':<30} {rep['requests_sent']:>8}"]
     lines += [f"  {k:<28} {v:>8}" for k, v in rep["outcomes"].items()]
     lines += [f"{'completion tokens (ok)':<30} {rep['completion_tokens']:>8}",
-              f"{'latency of ok p50 / p99':<30} {sec(lat['p50'])} / {sec(lat['p99'])}",
+              f"{'latency of ok p50 / p99':<30} {sec['p50']} / {sec['p99']}",
               f"{'server':<30} {'start':>12} {'end':>12}"]
-    lines += [f"  {k.replace('_', ' '):<28} {both(k)}"
-              for k in ("free_blocks", "total_blocks", "running", "waiting", "rss_mib") if k in s or k in e]
-    if "pids" in s:
-        lines.append(f"  {'processes':<28} {len(s['pids']):>12} {len(e.get('pids', ())):>12}")
+    e = {**e, "processes": len(e["pids"])} if "pids" in e else e
+    s = {**s, "processes": len(s["pids"])} if "pids" in s else s
+    lines += [f"  {k.replace('_', ' '):<28} {s.get(k, '-')!s:>12} {e.get(k, '-')!s:>12}"
+              for k in ("free_blocks", "total_blocks", "running", "waiting", "rss_mib", "processes")
+              if k in s or k in e]
     lines.append("PASS" if rep["passed"] else f"FAIL: {rep['reason']}")
     return "\n".join(lines)
 

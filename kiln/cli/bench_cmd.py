@@ -20,10 +20,14 @@ def register(sub) -> None:
                     "client, ~5% invalid on purpose) at a Poisson rate for some minutes, then check the "
                     "server: it goes idle, frees every KV block it took, and answered no 5xx. Prints a "
                     "table; exit 0 if healthy, 1 with a one-line reason if not.")
-    s.add_argument("--base-url", required=True, metavar="URL", help="the server, e.g. http://127.0.0.1:8000")
-    s.add_argument("--minutes", type=float, required=True, metavar="M", help="how long to send (0.25 = 15 s; at most 1440)")
-    s.add_argument("--rate", type=float, required=True, metavar="R", help="requests per second, on average (at most 1000)")
-    s.add_argument("--model", metavar="NAME", help="model name to send (default: the first of GET /v1/models)")
+    s.add_argument("--base-url", required=True, metavar="URL",
+                   help="the server, e.g. http://127.0.0.1:8000")
+    s.add_argument("--minutes", type=float, required=True, metavar="M",
+                   help="how long to send (0.25 = 15 s; at most 1440)")
+    s.add_argument("--rate", type=float, required=True, metavar="R",
+                   help="requests per second, on average (at most 1000)")
+    s.add_argument("--model", metavar="NAME",
+                   help="model name to send (default: the first of GET /v1/models)")
     s.add_argument("--api-key", metavar="KEY", help="bearer token (default: $KILN_API_KEY; none if unset)")
     s.add_argument("--seed", type=int, default=0, help="seed of the arrivals and the request mix (default 0)")
     s.add_argument("--max-tokens", type=int, default=64, metavar="N",

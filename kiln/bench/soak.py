@@ -118,12 +118,14 @@ def is_openai_error(body: bytes) -> bool:
 
 
 def error_outcome(status: int, body: bytes, invalid: str | None) -> str:
+    """The outcome of any answer to an invalid request, or of a non-200 one to a valid request."""
     if status in (408, 503):
         return "timeout_408" if status == 408 else "overloaded_503"
     if status >= 500:
         return "unexpected_5xx"
-    if 400 <= status < 500 and invalid:
-        return "invalid_rejected_as_expected" if is_openai_error(body) else "invalid_not_rejected"
+    if invalid:
+        ok = 400 <= status < 500 and is_openai_error(body)
+        return "invalid_rejected_as_expected" if ok else "invalid_not_rejected"
     return "unexpected_4xx" if 400 <= status < 500 else "bad_response"
 
 
@@ -182,6 +184,7 @@ class Soak:
     def __init__(self, cfg: SoakConfig):
         self.cfg = cfg
         self.counts = dict.fromkeys(OUTCOMES, 0)
+        self.examples: dict[str, str] = {}  # outcome -> the first such request and answer
         self.latencies: list[float] = []
         self.tokens = self.sent = 0
 
@@ -257,41 +260,43 @@ class Soak:
             self.sent += 1
             t = time.monotonic()
             try:  # httpx's own timeouts are TransportErrors, not TimeoutError
-                outcome, tokens = await asyncio.wait_for(self._send(req), req.cancel_after)
+                outcome, tokens, detail = await asyncio.wait_for(self._send(req), req.cancel_after)
             except TimeoutError:
-                outcome, tokens = "cancelled", 0
-            except httpx.TransportError:
-                outcome, tokens = "connection_errors", 0
-            except (ValueError, KeyError, TypeError, httpx.HTTPError):
-                outcome, tokens = "bad_response", 0
+                outcome, tokens, detail = "cancelled", 0, None
+            except (ValueError, KeyError, TypeError, httpx.HTTPError) as e:
+                outcome = "connection_errors" if isinstance(e, httpx.TransportError) else "bad_response"
+                tokens, detail = 0, f"{type(e).__name__}: {one_line(e)}"
             self.counts[outcome] += 1
+            if detail and outcome != "invalid_rejected_as_expected":
+                self.examples.setdefault(outcome, f"{req.invalid or 'valid'} {req.path}: {detail}")
             if outcome == "ok":
                 self.latencies.append(time.monotonic() - t)
                 self.tokens += tokens
 
-    async def _send(self, req: Req) -> tuple[str, int]:
+    async def _send(self, req: Req) -> tuple[str, int, str | None]:
+        """(outcome, completion tokens, what went wrong)"""
         headers = {"content-type": "application/json"}
         async with self.client.stream("POST", req.path, content=req.body, headers=headers) as resp:
-            if resp.status_code != 200:
-                return error_outcome(resp.status_code, await resp.aread(), req.invalid), 0
-            if req.invalid:
-                return "invalid_not_rejected", 0
+            if resp.status_code != 200 or req.invalid:
+                body = await resp.aread()
+                detail = f"{resp.status_code} {body[:300].decode(errors='replace')}"
+                return error_outcome(resp.status_code, body, req.invalid), 0, detail
             if not req.stream:
-                return "ok", json.loads(await resp.aread())["usage"]["completion_tokens"]
+                return "ok", json.loads(await resp.aread())["usage"]["completion_tokens"], None
             events = tokens = 0
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 if (data := line[5:].strip()) == "[DONE]":
-                    return "ok", tokens
+                    return "ok", tokens, None
                 event = json.loads(data)
                 if "error" in event:
-                    return "stream_error_events", 0
+                    return "stream_error_events", 0, data[:300]
                 tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
                 events += 1
                 if events == req.cancel_events:
-                    return "cancelled", 0  # leaving the block closes the connection mid-stream
-            return "connection_errors", 0  # the stream ended without [DONE]
+                    return "cancelled", 0, None  # leaving the block closes the connection mid-stream
+            return "connection_errors", 0, "the stream ended without data: [DONE]"
 
     def _report(self, model: str, duration: float, start: dict, end: dict) -> dict:
         cfg = self.cfg
@@ -299,7 +304,7 @@ class Soak:
                "rate": cfg.rate, "max_tokens": cfg.max_tokens, "duration_s": round(duration, 2),
                "requests_sent": self.sent, "outcomes": self.counts, "completion_tokens": self.tokens,
                "latency_ok_s": {q: percentile(self.latencies, p) for q, p in (("p50", 0.5), ("p99", 0.99))},
-               "server": {"start": start, "end": end}}
+               "server": {"start": start, "end": end}, "examples": self.examples}
         rep["reason"] = verdict(rep)
         rep["passed"] = rep["reason"] is None
         return rep
@@ -339,6 +344,7 @@ def format_report(rep: dict) -> str:
     lines += [f"  {k.replace('_', ' '):<28} {s.get(k, '-')!s:>12} {e.get(k, '-')!s:>12}"
               for k in ("free_blocks", "total_blocks", "running", "waiting", "rss_mib", "processes")
               if k in s or k in e]
+    lines += [f"first {k}: {v}" for k, v in rep["examples"].items()]
     lines.append("PASS" if rep["passed"] else f"FAIL: {rep['reason']}")
     return "\n".join(lines)
 

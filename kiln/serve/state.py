@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.engine.options import EngineOptions
+from kiln.serve import protocol as P
 from kiln.serve.admission import Admission
 from kiln.serve.engine_client import EngineClient
 from kiln.serve.metrics import ServerMetrics
@@ -81,9 +82,11 @@ class ServerState:
         return self.client.manifest.model.vocab_size
 
     def _engine_state(self) -> dict | None:
-        s = self.client.stats
-        if s is None:
-            return None
+        s, ready = self.client.stats, self.client.ready
+        if ready is None:
+            return None  # loading: no engine to report on yet
+        if s is None:  # ready, no step yet: an idle engine with every block free
+            s = P.Stats(0, 0, ready.total_blocks, ready.total_blocks, 0.0, 0, 0, 0, 0)
         queued = self.admission.waiting if self.admission else 0
         return {"running": s.running, "waiting": s.waiting + queued, "kv_usage": s.kv_usage,
                 "preemptions": s.preemptions, "prefix_queries": s.prefix_queries,

@@ -59,6 +59,9 @@ class _EngineCollector(Collector):
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       s["prefix_queries"])
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", s["prefix_hits"])
+        yield counter("engine_steps", "Engine steps run by the worker.", s["steps"])
+        yield counter("engine_step_seconds", "Wall time of all engine steps (their mean: rate of this "
+                      "over rate of kiln:engine_steps_total).", s["step_seconds"])
 
 
 class ServerMetrics:

@@ -98,6 +98,7 @@ class Stats(msgspec.Struct, frozen=True):
     prefix_queries: int
     prefix_hits: int
     steps: int
+    step_seconds: float  # wall time spent in EngineCore.step, all steps together
 
 
 class StepOutputs(msgspec.Struct, tag="out", frozen=True):

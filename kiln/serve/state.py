@@ -86,11 +86,12 @@ class ServerState:
         if ready is None:
             return None  # loading: no engine to report on yet
         if s is None:  # ready, no step yet: an idle engine with every block free
-            s = P.Stats(0, 0, ready.total_blocks, ready.total_blocks, 0.0, 0, 0, 0, 0)
+            s = P.Stats(0, 0, ready.total_blocks, ready.total_blocks, 0.0, 0, 0, 0, 0, 0.0)
         queued = self.admission.waiting if self.admission else 0
         return {"running": s.running, "waiting": s.waiting + queued, "kv_usage": s.kv_usage,
                 "preemptions": s.preemptions, "prefix_queries": s.prefix_queries,
-                "prefix_hits": s.prefix_hits, "free_blocks": s.free_blocks, "total_blocks": s.total_blocks}
+                "prefix_hits": s.prefix_hits, "free_blocks": s.free_blocks, "total_blocks": s.total_blocks,
+                "steps": s.steps, "step_seconds": s.step_seconds}
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -39,6 +39,7 @@ class Worker:
         self._refused: list[P.Refused] = []
         self._timings: list[P.Timing] = []
         self._stopping = False
+        self._step_seconds = 0.0
         self._ack = 0
 
     # ------------------------------------------------------------------ commands
@@ -104,7 +105,8 @@ class Worker:
                 self._finished(ev.request)
         s = self.core.scheduler.stats()
         stats = P.Stats(s["running"], s["waiting"], s["free_blocks"], s["total_blocks"], s["kv_usage"],
-                        s["preemptions"], s["prefix_queries"], s["prefix_hits"], self.core.num_steps)
+                        s["preemptions"], s["prefix_queries"], s["prefix_hits"], self.core.num_steps,
+                        self._step_seconds)
         msg = P.StepOutputs(tokens, self._timings, self._refused, stats, self._ack)
         self._timings, self._refused = [], []
         self.outputs.send(P.encode(msg))
@@ -116,7 +118,10 @@ class Worker:
             if not busy and not got and os.getppid() != parent_pid:
                 return 0  # orphaned: the API process is gone
             if self.core.has_unfinished():
-                self.send(self.core.step())
+                t0 = time.perf_counter()
+                events = self.core.step()
+                self._step_seconds += time.perf_counter() - t0
+                self.send(events)
             elif got:
                 self.send([])  # refusals, aborts and fresh stats without a step
         return 0

@@ -7,18 +7,20 @@ complete engine. Every refusal here is an `EngineLoadError` with one line naming
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kiln.config import SUPPORTED_ARCHITECTURES, ModelConfig, ShapeProfile
 from kiln.errors import EngineLoadError, KilnError
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "kiln-engine"
 FORMAT_VERSION = 1
@@ -26,33 +28,33 @@ MANIFEST_NAME = "manifest.json"
 WEIGHTS_NAME = "weights.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
 _HASH_CHUNK = 8 << 20
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # engine dtypes
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
-
-# safetensors dtype codes <-> torch dtypes
-ST_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-ST_CODES: dict[torch.dtype, str] = {v: k for k, v in ST_DTYPES.items()}
+# Reading a manifest needs no torch (the HTTP server's process reads one and stays torch-free).
+# The torch dtype tables below are built on first use: DTYPES (engine dtype name -> torch dtype),
+# ST_DTYPES (safetensors code -> torch dtype) and ST_CODES (its inverse).
+_ST_CODES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+             "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    """`torch.float16` -> "float16"."""
+@functools.cache
+def _dtype_tables() -> dict[str, dict]:
+    import torch
+
+    st = {code: getattr(torch, name) for code, name in _ST_CODES.items()}
+    return {"DTYPES": {n: getattr(torch, n) for n in DTYPE_NAMES}, "ST_DTYPES": st,
+            "ST_CODES": {v: k for k, v in st.items()}}
+
+
+def __getattr__(name: str):
+    if name in ("DTYPES", "ST_DTYPES", "ST_CODES"):
+        return _dtype_tables()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def dtype_name(dtype: "torch.dtype | str") -> str:
+    """`torch.float16` (or "float16") -> "float16"."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -63,7 +65,7 @@ class EngineManifest:
     path: Path
     model: ModelConfig
     profile: ShapeProfile
-    dtype: torch.dtype
+    dtype_str: str  # one of DTYPE_NAMES
     tokenizer: dict[str, Any]
     weights: list[dict[str, Any]]
     source: dict[str, Any]
@@ -72,6 +74,10 @@ class EngineManifest:
     dummy: bool = False
     quant: Any = None
     format_version: int = FORMAT_VERSION
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        return _dtype_tables()["DTYPES"][self.dtype_str]
 
     @property
     def tokenizer_path(self) -> Path:
@@ -97,7 +103,7 @@ class EngineManifest:
         return manifest_dict(
             model=self.model,
             profile=self.profile,
-            dtype=self.dtype,
+            dtype=self.dtype_str,
             tokenizer=self.tokenizer,
             weights=self.weights,
             source=self.source,
@@ -112,7 +118,7 @@ def manifest_dict(
     *,
     model: ModelConfig,
     profile: ShapeProfile,
-    dtype: torch.dtype,
+    dtype: "torch.dtype | str",
     tokenizer: dict[str, Any],
     weights: list[dict[str, Any]],
     source: dict[str, Any],
@@ -194,7 +200,7 @@ def read_manifest(engine_dir: str | os.PathLike) -> EngineManifest:
         model = ModelConfig.from_dict(model_d)
         profile = ShapeProfile.from_dict(raw["profile"])
         dtype_s = raw["dtype"]
-        if dtype_s not in DTYPES:
+        if dtype_s not in DTYPE_NAMES:
             raise EngineLoadError(f"{mpath}: unsupported engine dtype {dtype_s!r}")
         tokenizer = dict(raw["tokenizer"])
         tokenizer.setdefault("file", TOKENIZER_NAME)
@@ -205,7 +211,7 @@ def read_manifest(engine_dir: str | os.PathLike) -> EngineManifest:
             path=root,
             model=model,
             profile=profile,
-            dtype=DTYPES[dtype_s],
+            dtype_str=dtype_s,
             tokenizer=tokenizer,
             weights=weights,
             source=dict(raw.get("source") or {}),
@@ -283,6 +289,8 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, Any
 
 
 def _map_file(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     data_start, header = read_safetensors_header(path)
     size = path.stat().st_size
     storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
@@ -291,7 +299,7 @@ def _map_file(path: Path) -> dict[str, torch.Tensor]:
         if name == "__metadata__":
             continue
         try:
-            dt = ST_DTYPES[info["dtype"]]
+            dt = _dtype_tables()["ST_DTYPES"][info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError):
@@ -321,6 +329,8 @@ def load_weights(
     nothing is copied until written. On another device each tensor is copied there.
     With `check_layout`, names and shapes must match `runtime_layout(manifest.model)`.
     """
+    import torch
+
     device = torch.device(device)
     tensors: dict[str, torch.Tensor] = {}
     for path in manifest.weight_paths:

@@ -115,6 +115,12 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    @cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes of the longest token's text (at least 1): a text of B bytes has at least
+        B // max_token_bytes tokens, a bound known without tokenizing it."""
+        return max((len(t.encode("utf-8")) for t in self._tok.get_vocab(with_added_tokens=True)), default=1) or 1
+
     @property
     def backend(self):
         return self._tok

@@ -61,6 +61,9 @@ def test_admission_tokens_timeout_and_shutdown():
         with pytest.raises(Overloaded) as e:
             a.set_tokens(q2, 30)  # 80 + 30 > 100: refused, its place given back
         assert e.value.reason == "queued_tokens" and a.waiting == 1
+        with pytest.raises(Overloaded):
+            a.enter(1, min_tokens=21)  # a lower bound of its prompt already exceeds the budget
+        assert a.waiting == 1
         with pytest.raises(asyncio.TimeoutError):
             await a.wait(q1, 0.05)
         assert a.waiting == 0 and a.queued_tokens == 0

@@ -149,3 +149,17 @@ def test_sigterm_past_the_timeout_aborts_what_still_runs(default_engine):
         assert marker in srv.output()  # --log-requests logs prompts
     finally:
         srv.close()
+
+
+def test_http_process_does_not_import_torch():
+    """The HTTP process never runs the model: it stays torch-free (faster start, less memory)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kiln.cli.main import build_parser; build_parser(); "
+            "import kiln.serve.server, kiln.build.default_model; "
+            "from kiln.serve.state import ServeConfig, ServerState; "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "sys.exit(f'imported {bad}' if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

@@ -31,7 +31,8 @@ class EngineCore:
         profile = self.manifest.profile
         self.runner = ModelRunner(self.manifest, pick_device(options.device),
                                   options.kv_cache_memory, options.kv_cache_fraction,
-                                  map_weights=options.map_weights)
+                                  map_weights=options.map_weights,
+                                  prefault_kv_cache=options.prefault_kv_cache)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=min(options.max_num_seqs or profile.max_batch_size, profile.max_batch_size),
             max_num_tokens=min(options.max_num_tokens or profile.max_num_tokens, profile.max_num_tokens),

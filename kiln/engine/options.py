@@ -20,3 +20,8 @@ class EngineOptions:
     # instead of a private in-memory copy. Decode on the default model is ~20% slower mapped
     # (4 KiB file pages against huge anonymous pages), so the copy is the default.
     map_weights: bool = False
+    # CPU only: fault in (and zero) the whole KV pool at load, so the process's memory is what it
+    # will be under load from the start, instead of growing as blocks are first touched. The
+    # server does this (a flat footprint; a host short of memory fails at start, not hours later);
+    # the offline API does not (faster load).
+    prefault_kv_cache: bool = False

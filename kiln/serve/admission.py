@@ -3,8 +3,10 @@
 A request asks for `seqs` slots (n choices x prompts). It runs at once if the slots are free and
 nobody waits ahead of it; otherwise it waits in a priority queue (lower `priority` first, then
 arrival order) if the queue has room, or it is refused at once (`Overloaded`, answered 503 with
-Retry-After). Refusal needs no tokenization: the cheap checks run first, and the queued-token
-budget is checked again once the prompt's length is known. A waiter that does not get its turn
+Retry-After). Refusal needs no tokenization: the queue checks run first, the queued-token budget
+against a lower bound of the prompt's length (its bytes over the tokenizer's longest token), and
+again with the exact length once the prompt is tokenized (only a request that might fit gets that
+far). A waiter that does not get its turn
 within the timeout gets `asyncio.TimeoutError` and gives its place back; at shutdown,
 `cancel_waiting` refuses everyone still waiting.
 """
@@ -55,8 +57,9 @@ class Admission:
         """Requests holding a ticket, running or waiting."""
         return self.running_requests + len(self._queue)
 
-    def enter(self, seqs: int, priority: int = 0) -> Ticket:
-        """Take a running slot or a place in the queue, or raise Overloaded. Never blocks."""
+    def enter(self, seqs: int, priority: int = 0, min_tokens: int = 0) -> Ticket:
+        """Take a running slot or a place in the queue, or raise Overloaded. Never blocks.
+        `min_tokens` is a lower bound of the prompt's length, known without tokenizing it."""
         t = Ticket(priority, next(self._seq), seqs)
         if not self._queue and self.running_seqs + seqs <= self.max_running_seqs:
             self._grant(t)
@@ -64,8 +67,10 @@ class Admission:
         if len(self._queue) >= self.max_queue:
             raise Overloaded("queue_full", f"the server is at capacity ({self.running_requests} running, "
                                            f"{len(self._queue)} waiting); retry later")
-        if self.queued_tokens >= self.max_queued_tokens:
-            raise Overloaded("queued_tokens", "the server's queue holds its most prompt tokens; retry later")
+        if self.queued_tokens >= self.max_queued_tokens or \
+                self.queued_tokens + min_tokens > self.max_queued_tokens:
+            raise Overloaded("queued_tokens", f"the server's queue would hold more than "
+                                              f"{self.max_queued_tokens} prompt tokens; retry later")
         heapq.heappush(self._queue, t)
         return t
 

@@ -156,6 +156,21 @@ def _completion_prompts(body: CompletionRequest) -> list[str | list[int]]:
     return list(p)  # a batch: list of strings or of token-id lists
 
 
+def _min_prompt_tokens(state: ServerState, body, chat: bool, raw_prompts: list) -> int:
+    """A lower bound of the request's prompt tokens, without tokenizing: token-id prompts count
+    exactly, text counts its bytes over the longest token's."""
+    if chat:
+        texts = []
+        for m in body.messages:
+            c = m.content
+            texts += [c] if isinstance(c, str) else [p.get("text", "") for p in c or [] if isinstance(p, dict)]
+        return sum(len(t.encode("utf-8")) for t in texts if isinstance(t, str)) // state.tokenizer.max_token_bytes
+    n = 0
+    for p in raw_prompts:
+        n += len(p.encode("utf-8")) // state.tokenizer.max_token_bytes if isinstance(p, str) else len(p)
+    return n
+
+
 async def encode(state: ServerState, fn, *args) -> list[int]:
     text_len = sum(len(a) for a in args if isinstance(a, str))
     if text_len > TOKENIZE_IN_THREAD_CHARS:
@@ -391,7 +406,7 @@ async def handle(state: ServerState, body: ChatCompletionRequest | CompletionReq
         m.rejected("invalid")
         raise
     try:
-        ticket: Ticket = adm.enter(seqs, params.priority)
+        ticket: Ticket = adm.enter(seqs, params.priority, _min_prompt_tokens(state, body, chat, raw_prompts))
     except Overloaded as e:
         m.rejected(e.reason)
         raise APIError(503, str(e), None, e.reason, {"Retry-After": RETRY_AFTER_S}) from None

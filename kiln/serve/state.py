@@ -7,6 +7,7 @@ Phases: loading -> ready -> draining (SIGTERM) | dead (the worker died or failed
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import time
@@ -52,9 +53,9 @@ class Phase(str, enum.Enum):
 class ServerState:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
-        opts = cfg.engine_options
+        opts = dataclasses.replace(cfg.engine_options, prefault_kv_cache=True)  # a flat footprint
         if cfg.max_num_seqs is not None:
-            opts = EngineOptions(**{**opts.__dict__, "max_num_seqs": cfg.max_num_seqs})
+            opts = dataclasses.replace(opts, max_num_seqs=cfg.max_num_seqs)
         self.client = EngineClient(cfg.engine_dir, opts)
         self.tokenizer = self.client.tokenizer
         self.phase = Phase.LOADING

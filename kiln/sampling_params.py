@@ -90,14 +90,16 @@ class SamplingParams:
         def bad(param: str, msg: str) -> RequestError:
             return RequestError(f"{param} {msg}", param=param)
 
-        if self.max_tokens < 1:
-            raise bad("max_tokens", f"must be at least 1, got {self.max_tokens}")
+        if not 1 <= self.max_tokens < 2**31:
+            raise bad("max_tokens", f"must be in [1, 2^31), got {self.max_tokens}")
         if not math.isfinite(self.temperature) or not 0.0 <= self.temperature <= 2.0:
             raise bad("temperature", f"must be in [0, 2], got {self.temperature}")
         if not math.isfinite(self.top_p) or not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
-        if self.top_k < -1:
+        if not -1 <= self.top_k < 2**31:
             raise bad("top_k", f"must be -1 (disabled) or positive, got {self.top_k}")
+        if not -(2**31) <= self.priority < 2**31:
+            raise bad("priority", f"must be a 32-bit integer, got {self.priority}")
         if not math.isfinite(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if not math.isfinite(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
@@ -112,7 +114,7 @@ class SamplingParams:
             raise bad("stop", "must not contain an empty string")
         if len(self.stop) > MAX_STOP or any(len(s) > MAX_STOP_CHARS for s in self.stop):
             raise bad("stop", f"allows at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} characters")
-        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(t < 0 for t in self.stop_token_ids):
+        if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS or any(not 0 <= t < 2**31 for t in self.stop_token_ids):
             raise bad("stop_token_ids", f"allows at most {MAX_STOP_TOKEN_IDS} non-negative token ids")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}")

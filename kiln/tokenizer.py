@@ -10,6 +10,9 @@ from typing import Any
 from kiln.errors import EngineLoadError, RequestError
 
 
+_RELEASE_GIL_CHARS = 16 << 10
+
+
 class ChatTemplateError(RequestError):
     """The chat template refused the conversation (its raise_exception, or a render error)."""
 
@@ -126,6 +129,8 @@ class Tokenizer:
         return self._tok
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) > _RELEASE_GIL_CHARS:  # encode_batch releases the GIL; encode holds it throughout
+            return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:

@@ -82,7 +82,10 @@ def run(args: argparse.Namespace) -> int:
             raise KilnError(f"{engine_dir} is not an engine directory (no manifest.json); "
                             f"build one with `kiln build`")
     name = args.served_model_name or model_name(engine_dir)
-    api_key = args.api_key if args.api_key is not None else os.environ.get("KILN_API_KEY") or None
+    api_key = args.api_key if args.api_key is not None else os.environ.get("KILN_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise KilnError("the API key is empty (--api-key or KILN_API_KEY): give a key, or unset it "
+                        "to serve without one")
     opts = engine_options(args)
     cfg = ServeConfig(
         engine_dir=engine_dir, served_model_name=name, api_key=api_key,

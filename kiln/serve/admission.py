@@ -71,19 +71,21 @@ class Admission:
                 self.queued_tokens + min_tokens > self.max_queued_tokens:
             raise Overloaded("queued_tokens", f"the server's queue would hold more than "
                                               f"{self.max_queued_tokens} prompt tokens; retry later")
+        t.tokens = min_tokens  # reserved now, corrected by set_tokens once the prompt is tokenized
+        self.queued_tokens += min_tokens
         heapq.heappush(self._queue, t)
         return t
 
     def set_tokens(self, t: Ticket, tokens: int) -> None:
-        """Record a waiting ticket's prompt tokens; raises Overloaded past the budget."""
+        """Record a waiting ticket's exact prompt tokens; raises Overloaded past the budget."""
         if t.granted or t.released:
             return
-        if self.queued_tokens + tokens > self.max_queued_tokens:
+        if self.queued_tokens - t.tokens + tokens > self.max_queued_tokens:
             self.release(t)
             raise Overloaded("queued_tokens", f"the server's queue would hold more than "
                                               f"{self.max_queued_tokens} prompt tokens; retry later")
+        self.queued_tokens += tokens - t.tokens
         t.tokens = tokens
-        self.queued_tokens += tokens
 
     async def wait(self, t: Ticket, timeout: float) -> None:
         """Wait for a running slot; asyncio.TimeoutError after `timeout` seconds (place given back)."""

@@ -105,15 +105,15 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
+        code = None
         if exc.status_code == 404:
             message = f"no route {request.url.path!r}"
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path!r}"
+        elif exc.status_code == 400:  # FastAPI could not decode the body at all
+            message, code = "the body is not valid JSON text (it must be UTF-8)", "invalid_json"
         else:
             message = str(exc.detail)
-        return error_response(exc.status_code, message, None, None, getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal server error", None, "internal_error")
+        return error_response(exc.status_code, message, None, code, getattr(exc, "headers", None))
+    # Anything else unexpected is answered 500 by middleware.RequestId, which keeps the request id
+    # and the connection.

@@ -15,6 +15,7 @@ from kiln.serve.api_errors import error_response, install_handlers
 from kiln.serve.api_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from kiln.serve.metrics import CONTENT_TYPE
 from kiln.serve.middleware import ApiKey, BodyLimit, RequestId
+from kiln.serve.request_checks import off_loop
 from kiln.serve.state import Phase, ServerState
 from kiln.version import __version__
 
@@ -65,12 +66,11 @@ def create_app(state: ServerState) -> FastAPI:
         if (body.prompt is None) == (body.messages is None):
             raise RequestError("give exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
-            text = tok.apply_chat_template([m.model_dump() for m in body.messages],
-                                           add_generation_prompt=body.add_generation_prompt)
-            ids = await generation.encode(state, lambda t: tok.encode(t, add_special_tokens=False), text)
+            messages = [m.model_dump() for m in body.messages]
+            size = sum(len(str(m.get("content") or "")) + 64 for m in messages)
+            ids = await off_loop(size, tok.encode_chat, messages, body.add_generation_prompt)
         else:
-            ids = await generation.encode(state, lambda t: tok.encode(t, body.add_special_tokens),
-                                           body.prompt)
+            ids = await off_loop(len(body.prompt), tok.encode, body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.max_seq_len}
 
     @app.post("/detokenize")
@@ -80,7 +80,8 @@ def create_app(state: ServerState) -> FastAPI:
         if bad is not None:
             raise RequestError(f"token id {bad} is outside the vocabulary [0, {state.vocab_size})",
                                param="tokens")
-        return {"prompt": state.tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        text = await off_loop(len(body.tokens) * 4, state.tokenizer.decode, body.tokens, False)
+        return {"prompt": text}
 
     @app.get("/health")
     async def health():
@@ -108,9 +109,9 @@ def create_app(state: ServerState) -> FastAPI:
     exempt = OPEN_PATHS | (set() if cfg.metrics_auth else {"/metrics"})
     app.add_middleware(ApiKey, api_key=cfg.api_key, exempt=exempt)
     if cfg.cors_origins:
+        # any request header: the official clients send their own (x-stainless-*, openai-*)
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type", "x-request-id"],
-                           expose_headers=["x-request-id"])
+                           allow_headers=["*"], expose_headers=["x-request-id"])
     app.add_middleware(RequestId)
     return app
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -36,6 +37,7 @@ from kiln.serve import protocol as P
 from kiln.tokenizer import Tokenizer
 
 WATCH_INTERVAL_S = 0.1
+log = logging.getLogger("kiln.serve")
 
 
 class WorkerDied(KilnError):
@@ -62,10 +64,11 @@ class EngineClient:
         self._stats_event = asyncio.Event()
         self._pings = itertools.count(1)
         self._ack = 0
+        self._aborting = False  # set by abort_all: later requests end at once with "abort"
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, timeout: float = 600.0) -> P.Ready:
-        self._dir = Path(tempfile.mkdtemp(prefix="kiln-ipc-"))  # 0700: only this user reaches the sockets
+        self._dir = Path(tempfile.mkdtemp(prefix=P.IPC_DIR_PREFIX))  # 0700: only this user reaches the sockets
         self._ctx = zmq.asyncio.Context()
         self._cmd = self._ctx.socket(zmq.PUSH)
         self._out = self._ctx.socket(zmq.PULL)
@@ -132,15 +135,24 @@ class EngineClient:
         now = time.monotonic()
         queue: asyncio.Queue = asyncio.Queue()
         choices = [P.Choice(cid, choice_seed(base, i)) for i, cid in enumerate(ids)]
+        try:  # encode first: a value msgpack cannot carry is refused before anything is registered
+            message = P.encode(P.AddRequest(list(prompt_ids), params, choices, now))
+        except (OverflowError, TypeError, ValueError) as e:
+            raise RequestError(f"the request cannot be encoded: {e}") from None
         mirrors = choice_requests([(c.request_id, c.seed) for c in choices], prompt_ids, params,
                                   self.eos_token_ids, now)
         for i, req in enumerate(mirrors):
             self._mirrors[req.request_id] = req
             self._queues[req.request_id] = queue
             self.processor.track(req, i)
-        await self._cmd.send(P.encode(P.AddRequest(list(prompt_ids), params, choices, now)))
         open_ids = set(ids)
         try:
+            if self._aborting:  # shutting down past its timeout: end at once, never reach the worker
+                for cid in ids:
+                    self.processor.abort(cid)
+                self._flush_aborted()
+            else:
+                await self._cmd.send(message)
             while open_ids:
                 item = await queue.get()
                 if isinstance(item, BaseException):
@@ -160,16 +172,21 @@ class EngineClient:
     async def abort_all(self) -> int:
         """End every open choice now with finish_reason "abort" (graceful shutdown past its
         timeout): the final deltas go to their streams and the worker drops the requests."""
+        self._aborting = True
         ids = sorted(self._mirrors)
         for cid in ids:
             self.processor.abort(cid)
+        self._flush_aborted()
+        if ids and self.alive:
+            await self._cmd.send(P.encode(P.Abort(ids)))
+        return len(ids)
+
+    def _flush_aborted(self) -> None:
+        """Hand the final "abort" deltas the processor holds to their streams."""
         for d in self.processor.process([]):
             q = self._queues.get(d.request_id)
             if q is not None:
                 q.put_nowait(d)
-        if ids and self.alive:
-            await self._cmd.send(P.encode(P.Abort(ids)))
-        return len(ids)
 
     def _forget(self, cid: str) -> None:
         self._mirrors.pop(cid, None)
@@ -191,10 +208,17 @@ class EngineClient:
 
     # ------------------------------------------------------------------ background tasks
     async def _output_loop(self) -> None:
-        while True:
-            msg = P.from_worker_decoder.decode(await self._out.recv())
-            if isinstance(msg, P.StepOutputs):
-                self._dispatch(msg)
+        try:
+            while True:
+                msg = P.from_worker_decoder.decode(await self._out.recv())
+                if isinstance(msg, P.StepOutputs):
+                    self._dispatch(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug here would leave every request hanging: fail loudly instead
+            log.exception("kiln: the API side of the engine failed; stopping the worker")
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.kill()  # _watch then ends every stream with WorkerDied
 
     def _dispatch(self, msg: P.StepOutputs) -> None:
         self.stats, self._ack = msg.stats, msg.ack

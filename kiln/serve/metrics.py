@@ -104,21 +104,20 @@ class ServerMetrics:
     def rejected(self, reason: str) -> None:
         self._rejected.labels(self.model, reason).inc()
 
-    def finished(self, arrival: float, prompt_tokens: int, outputs: list[CompletionOutput],
+    def finished(self, arrival: float, prompt_tokens: int, generated: int, outputs: list[CompletionOutput],
                  complete: bool = True) -> None:
-        """Observe one finished request (every choice of every prompt in it). `complete` is False
-        when the client left before every choice ended: the request counts as aborted."""
+        """Observe one finished request (every choice of every prompt in it). `generated` counts
+        every token it produced (already added to generation_tokens_total as they came);
+        `complete` is False when the client left before every choice ended: it counts as aborted."""
         reason = "stop"
         if not complete or any(o.finish_reason == "abort" for o in outputs):
             reason = "abort"
         elif any(o.finish_reason == "length" for o in outputs):
             reason = "length"
         self._success.labels(self.model, reason).inc()
-        gen = sum(len(o.token_ids) for o in outputs)
         self.prompt_tokens.inc(prompt_tokens)
-        self.generation_tokens.inc(gen)
         self.prompt_tokens_hist.observe(prompt_tokens)
-        self.generation_tokens_hist.observe(gen)
+        self.generation_tokens_hist.observe(generated)
         ms = [o.metrics for o in outputs if o.metrics is not None]
         firsts = [m.first_token_time for m in ms if m.first_token_time is not None]
         scheduled = [m.first_scheduled_time for m in ms if m.first_scheduled_time is not None]

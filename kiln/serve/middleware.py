@@ -7,9 +7,12 @@ CORS (only when origins are configured), ApiKey, BodyLimit, then the app.
 from __future__ import annotations
 
 import hmac
+import logging
 import uuid
 
 from kiln.serve.api_errors import error_bytes
+
+log = logging.getLogger("kiln.serve")
 
 _MAX_CLIENT_ID = 128
 
@@ -47,13 +50,23 @@ class RequestId:
         rid = given if given is not None and _valid_client_id(given) else uuid.uuid4().hex.encode()
         scope.setdefault("state", {})["request_id"] = rid.decode()
 
+        started = False
+
         async def send_with_id(message):
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
                 message = {**message, "headers": headers + [(b"x-request-id", rid)]}
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # a bug somewhere inside: one logged trace, a clean 500 for the client
+            log.exception("unexpected error on %s %s (x-request-id %s)", scope.get("method"),
+                          scope.get("path"), rid.decode())
+            if not started:
+                await _send_error(send_with_id, 500, "internal server error", None, "internal_error")
 
 
 class ApiKey:

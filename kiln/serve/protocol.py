@@ -12,6 +12,8 @@ import msgspec
 
 from kiln.sampling_params import SamplingParams
 
+IPC_DIR_PREFIX = "kiln-ipc-"  # the private directory (mode 0700) holding both sockets
+
 
 class Choice(msgspec.Struct, frozen=True):
     request_id: str

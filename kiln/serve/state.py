@@ -58,6 +58,7 @@ class ServerState:
             opts = dataclasses.replace(opts, max_num_seqs=cfg.max_num_seqs)
         self.client = EngineClient(cfg.engine_dir, opts)
         self.tokenizer = self.client.tokenizer
+        _ = self.tokenizer.max_token_bytes  # computed over the vocabulary once, now, not in a request
         self.phase = Phase.LOADING
         self.admission: Admission | None = None
         self.metrics = ServerMetrics(cfg.served_model_name, self._engine_state)

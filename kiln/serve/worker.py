@@ -6,16 +6,21 @@ It connects a PULL socket (commands from the API process) and a PUSH socket (out
 process binds both on IPC paths in a private directory. Between steps it takes every pending command
 without blocking; when idle it blocks until one arrives. Detokenization and stop strings are the API
 process's job, so a step costs only scheduling, the forward pass and sampling. If the API process
-goes away, the worker exits.
+goes away, the worker exits (SIGTERM from the kernel's parent-death signal, the parent check every
+step, or a send that cannot be delivered) and removes the socket directory its parent left.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
+import shutil
+import signal
 import sys
 import time
+from pathlib import Path
 
 import zmq
 
@@ -27,6 +32,8 @@ from kiln.errors import KilnError, RequestError
 from kiln.serve import protocol as P
 
 IDLE_POLL_MS = 500  # how often an idle worker checks that its parent is alive
+SEND_TIMEOUT_MS = 1000  # a blocked send rechecks that the parent is alive this often
+PR_SET_PDEATHSIG = 1
 
 
 class Worker:
@@ -40,6 +47,7 @@ class Worker:
         self._timings: list[P.Timing] = []
         self._stopping = False
         self._step_seconds = 0.0
+        self._parent_pid = os.getppid()
         self._ack = 0
 
     # ------------------------------------------------------------------ commands
@@ -107,15 +115,22 @@ class Worker:
         stats = P.Stats(s["running"], s["waiting"], s["free_blocks"], s["total_blocks"], s["kv_usage"],
                         s["preemptions"], s["prefix_queries"], s["prefix_hits"], self.core.num_steps,
                         self._step_seconds)
-        msg = P.StepOutputs(tokens, self._timings, self._refused, stats, self._ack)
+        msg = P.encode(P.StepOutputs(tokens, self._timings, self._refused, stats, self._ack))
         self._timings, self._refused = [], []
-        self.outputs.send(P.encode(msg))
+        while True:  # a send blocks once ~1000 messages wait unread: never forever
+            try:
+                self.outputs.send(msg)
+                return
+            except zmq.Again:
+                if os.getppid() != self._parent_pid:
+                    raise SystemExit(0) from None
 
     def run(self, parent_pid: int) -> int:
+        self._parent_pid = parent_pid
         while not self._stopping:
             busy = self.core.has_unfinished()
             got = self.drain_commands(block=not busy)
-            if not busy and not got and os.getppid() != parent_pid:
+            if os.getppid() != parent_pid:
                 return 0  # orphaned: the API process is gone
             if self.core.has_unfinished():
                 t0 = time.perf_counter()
@@ -127,6 +142,23 @@ class Worker:
         return 0
 
 
+def _exit_with_parent() -> None:
+    """Get SIGTERM when the API process dies, even mid-step (Linux), and exit cleanly on it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the step loop's parent check still ends the worker
+
+
+def _remove_ipc_dir(address: str) -> None:
+    """The API process makes a private directory for the sockets and removes it on exit; if it
+    was killed, the orphaned worker removes it instead."""
+    path = Path(address.removeprefix("ipc://")).parent
+    if address.startswith("ipc://") and path.name.startswith(P.IPC_DIR_PREFIX):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kiln-worker")
     ap.add_argument("--engine-dir", required=True)
@@ -135,10 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", default="{}", help="EngineOptions as JSON")
     ap.add_argument("--parent-pid", type=int, default=os.getppid())
     args = ap.parse_args(argv)
+    _exit_with_parent()
     ctx = zmq.Context()
     commands = ctx.socket(zmq.PULL)
     commands.connect(args.commands)
     outputs = ctx.socket(zmq.PUSH)
+    outputs.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
     outputs.connect(args.outputs)
     try:
         try:
@@ -153,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                                       list(m.eos_token_ids or m.model.eos_token_ids), core.load_seconds)))
         return Worker(core, commands, outputs).run(args.parent_pid)
     finally:
+        orphaned = os.getppid() != args.parent_pid
         commands.close(linger=0)
-        outputs.close(linger=1000)
+        outputs.close(linger=0 if orphaned else 1000)
         ctx.term()
+        if orphaned:
+            _remove_ipc_dir(args.commands)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,9 @@ class ServerProcess:
                *BASE_ARGS, *args]
         if api_key:
             cmd += ["--api-key", api_key]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # its own process group, as under a supervisor: tests may signal the whole group
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
         self.started = time.monotonic()
 
     @property

@@ -78,10 +78,12 @@ def test_metrics_auth_and_cors(default_engine):
             assert r.headers["access-control-allow-origin"] == "https://app.example"
             r = await c.get("/health", headers={"Origin": "https://evil.example"})
             assert "access-control-allow-origin" not in r.headers
-            pre = await c.options("/v1/chat/completions", headers={
+            pre = await c.options("/v1/chat/completions", headers={  # the openai-node client's headers
                 "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                "Access-Control-Request-Headers": "authorization,content-type"})
+                "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os,"
+                                                  "x-stainless-lang,x-stainless-retry-count"})
             assert pre.status_code == 200
+            assert pre.headers["access-control-allow-origin"] == "https://app.example"
 
     asyncio.run(main())
 
@@ -103,3 +105,14 @@ def test_binds_loopback_by_default(host):
 
     args = build_parser().parse_args(["serve"])
     assert args.host == host
+
+
+def test_empty_api_key_is_refused(default_engine):
+    import subprocess
+    import sys
+
+    for args, env in ((["--api-key", ""], {}), ([], {"KILN_API_KEY": " "})):
+        r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "serve", str(default_engine), "--port", "1",
+                            *args], capture_output=True, text=True, env={**__import__("os").environ, **env},
+                           timeout=60)
+        assert r.returncode == 2 and "API key is empty" in r.stderr and "Traceback" not in r.stderr

@@ -118,3 +118,51 @@ def test_cancelled_requests_free_everything_and_do_not_disturb_the_others(srv):
     aborted = m.get_value("kiln:request_success_total", finished_reason="abort")
     gone = m.get_value("kiln:request_rejected_total", reason="client_gone")
     assert aborted + gone >= 8  # every cancel but those that left before being admitted
+
+
+def test_a_client_that_stops_reading_does_not_hold_its_slots(default_engine):
+    """The engine paces generation, not the socket: once the engine is done with a request whose
+    client reads nothing, its running slots are free for others. The response (16 choices with
+    20 logprobs each, ~6 MB of events) is larger than the socket buffers can absorb."""
+    import socket
+
+    s = ServerProcess(default_engine, "--max-num-seqs", "16", "--request-timeout", "5",
+                      "--kv-cache-memory", "256MiB")
+    try:
+        s.wait_ready()
+        n, tokens = 16, 250
+        body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Tell a long story."}],
+                           "n": n, "max_tokens": tokens, "logprobs": True, "top_logprobs": 20,
+                           "temperature": 1.0, "ignore_eos": True, "stream": True}).encode()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", s.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        deadline = time.monotonic() + 120
+        m = s.metrics()
+        while m.get_value("kiln:generation_tokens_total") < n * tokens and time.monotonic() < deadline:
+            time.sleep(0.1)  # the engine generates every token though nobody reads them
+            m = s.metrics()
+        assert m.get_value("kiln:generation_tokens_total") == n * tokens
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4, "n": n},
+                       timeout=30)
+        assert r.status_code == 200, r.text  # the slots came back although the first client reads nothing
+        sock.close()
+        assert s.stop() == 0
+    finally:
+        s.close()
+
+
+def test_tokens_of_abandoned_requests_are_counted(srv):
+    before = srv.metrics().get_value("kiln:generation_tokens_total")
+
+    async def main():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+            assert await _stream(c, 3, cancel_after_chunks=5) is None
+
+    asyncio.run(main())
+    deadline = time.monotonic() + 5
+    while not srv.engine_idle() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.metrics().get_value("kiln:generation_tokens_total") - before >= 5

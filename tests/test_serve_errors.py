@@ -139,3 +139,78 @@ def test_client_request_id_is_echoed(http):
     r = http.post(CHAT, json={"model": MODEL, "messages": []}, headers={"x-request-id": "err-7"})
     assert r.status_code == 400 and r.headers["x-request-id"] == "err-7"
     assert len(http.get("/version").headers["x-request-id"]) == 32  # made up when not given
+
+
+@pytest.mark.parametrize("route,body,param", [
+    (COMP, {"prompt": "\ud800"}, "prompt"),
+    (COMP, {"prompt": "hi", "stop": ["\udfff"]}, "stop"),
+    (CHAT, {"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages.0.content"),
+    ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+])
+def test_lone_surrogates_are_refused_cleanly(http, route, body, param):
+    raw = json.dumps({"model": MODEL, **body})  # json escapes the surrogate as \\ud800: valid JSON
+    r = http.post(route, content=raw, headers={"content-type": "application/json", "x-request-id": "sur-1"})
+    err = assert_error(r, 400, param, "surrogate")
+    assert r.headers["x-request-id"] == "sur-1" and err["code"] == "invalid_value"
+    assert http.get("/health").status_code == 200  # same keep-alive connection still works
+
+
+@pytest.mark.parametrize("extra,param", [({"priority": 2**64}, "priority"), ({"top_k": 2**70}, "top_k"),
+                                         ({"stop_token_ids": [2**64]}, "stop_token_ids"),
+                                         ({"max_tokens": 2**64}, "max_tokens"), ({"seed": -1}, "seed")])
+def test_out_of_range_integers(http, extra, param):
+    for stream in (False, True):
+        assert_error(http.post(COMP, json={"model": MODEL, "prompt": "hi", "stream": stream, **extra}),
+                     400, param)
+
+
+def test_explicit_nulls_mean_defaults(http):
+    nulls = {k: None for k in ("n", "presence_penalty", "frequency_penalty", "stream", "top_k", "logprobs",
+                               "temperature", "top_p", "stop", "seed", "user", "stream_options", "min_p",
+                               "repetition_penalty", "min_tokens", "ignore_eos", "priority", "top_logprobs",
+                               "max_completion_tokens", "response_format", "tools", "logit_bias")}
+    r = http.post(CHAT, json={"model": MODEL, "messages": MSGS, "max_tokens": 3, **nulls})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize("extra,param", [
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logit_bias": {"1": 5}}, "logit_bias"),
+])
+def test_unimplemented_features_are_refused_not_ignored(http, extra, param):
+    assert_error(http.post(CHAT, json={"model": MODEL, "messages": MSGS, **extra}), 400, param, "not supported")
+
+
+def test_long_inputs_do_not_stall_the_server(http, server):
+    """Tokenizing or templating big inputs runs off the event loop: /health stays fast meanwhile."""
+    import threading
+    import time
+
+    import random
+
+    rng = random.Random(0)  # 650 KB of varied text: under the no-tokenize bound, so it gets tokenized
+    big_text = " ".join(f"{rng.choice(['kiln', 'clay', 'glaze', 'fire'])}{rng.randrange(10**6)}"
+                        for _ in range(55_000))
+    many = [{"role": "user", "content": "x"}] * 2048
+    jobs = [(COMP, {"model": MODEL, "prompt": big_text}), (CHAT, {"model": MODEL, "messages": many}),
+            ("/tokenize", {"model": MODEL, "messages": many}), (COMP, {"model": MODEL, "prompt": "k" * ((4 << 20) - 64)})]
+    for route, body in jobs:
+        done, worst = threading.Event(), 0.0
+        results = []
+        t = threading.Thread(target=lambda: (results.append(httpx.post(server.url + route, json=body,
+                                                                        headers=server.headers, timeout=60)),
+                                             done.set()))
+        t.start()
+        with httpx.Client(base_url=server.url, timeout=10) as probe:
+            while not done.is_set():
+                t0 = time.perf_counter()
+                assert probe.get("/health").status_code == 200
+                worst = max(worst, time.perf_counter() - t0)
+                time.sleep(0.01)
+        t.join()
+        assert results[0].status_code in (200, 400), results[0].text
+        assert worst < 0.25, f"{route}: /health took {worst * 1000:.0f} ms"
+    assert_error(http.post(CHAT, json={"model": MODEL, "messages": many + many[:1]}), 400, "messages")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
+import pytest
 from serve_helpers import MODEL, ServerProcess, children
 from test_serve_errors import assert_error
 
@@ -104,7 +107,8 @@ def test_worker_killed_mid_stream(default_engine):
         srv.close()
 
 
-def test_sigterm_lets_open_streams_finish(default_engine):
+@pytest.mark.parametrize("how", ["sigterm", "ctrl-c-to-the-group"])
+def test_sigterm_lets_open_streams_finish(default_engine, how):
     srv = ServerProcess(default_engine)
     try:
         srv.wait_ready()
@@ -114,7 +118,10 @@ def test_sigterm_lets_open_streams_finish(default_engine):
             s.start()
         for s in streams:
             assert s.first.wait(60)
-        srv.proc.send_signal(signal.SIGTERM)
+        if how == "sigterm":
+            srv.proc.send_signal(signal.SIGTERM)
+        else:  # the terminal sends SIGINT to every process of the group, the worker too
+            os.killpg(pid, signal.SIGINT)
         time.sleep(0.2)
         assert httpx.get(srv.url + "/ready", timeout=5).status_code == 503
         late = httpx.post(srv.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"}, timeout=5)
@@ -163,3 +170,40 @@ def test_http_process_does_not_import_torch():
             "sys.exit(f'imported {bad}' if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_worker_exits_when_the_http_process_is_killed(default_engine):
+    """SIGKILL of the HTTP process mid-generation: the orphaned worker stops and cleans up."""
+    srv = ServerProcess(default_engine)
+    try:
+        srv.wait_ready()
+        (worker,) = children(srv.proc.pid)
+        ipc_dirs = [p for p in Path(tempfile.gettempdir()).glob("kiln-ipc-*") if _owned_by(p, worker)]
+        s = Stream(srv.url, _stream_body(2000))
+        s.start()
+        assert s.first.wait(60)
+        srv.proc.kill()
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(worker), "the worker outlived its HTTP process"
+        assert ipc_dirs and not any(p.exists() for p in ipc_dirs)
+    finally:
+        srv.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def _owned_by(ipc_dir: Path, pid: int) -> bool:
+    """Whether this socket directory is the one the worker `pid` was started with."""
+    try:
+        return str(ipc_dir) in Path(f"/proc/{pid}/cmdline").read_text()
+    except OSError:
+        return False

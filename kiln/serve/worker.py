@@ -122,15 +122,16 @@ class Worker:
                 self.outputs.send(msg)
                 return
             except zmq.Again:
-                if os.getppid() != self._parent_pid:
-                    raise SystemExit(0) from None
+                if _terminated or os.getppid() != self._parent_pid:
+                    self._stopping = True
+                    return
 
     def run(self, parent_pid: int) -> int:
         self._parent_pid = parent_pid
         while not self._stopping:
             busy = self.core.has_unfinished()
             got = self.drain_commands(block=not busy)
-            if os.getppid() != parent_pid:
+            if _terminated or os.getppid() != parent_pid:
                 return 0  # orphaned: the API process is gone
             if self.core.has_unfinished():
                 t0 = time.perf_counter()
@@ -142,9 +143,26 @@ class Worker:
         return 0
 
 
-def _exit_with_parent() -> None:
-    """Get SIGTERM when the API process dies, even mid-step (Linux), and exit cleanly on it."""
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+_terminated = False  # set by SIGTERM once orphaned; the step loop stops at its next turn
+_parent_pid = -1
+
+
+def _on_sigterm(signum, frame) -> None:
+    global _terminated
+    if os.getppid() != _parent_pid:  # orphaned; else the HTTP process drains, then stops us itself
+        _terminated = True
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Signals: the HTTP process owns the worker's lifetime. Ctrl-C (SIGINT to the whole process
+    group) and a supervisor's SIGTERM to the group are for the HTTP process, which drains and then
+    sends Shutdown; the worker ignores them. When the HTTP process dies, the kernel sends SIGTERM
+    (Linux parent-death signal) and the loop stops at its next turn; the loop's own parent check
+    covers other systems."""
+    global _parent_pid
+    _parent_pid = parent_pid
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -167,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", default="{}", help="EngineOptions as JSON")
     ap.add_argument("--parent-pid", type=int, default=os.getppid())
     args = ap.parse_args(argv)
-    _exit_with_parent()
+    _exit_with_parent(args.parent_pid)
     ctx = zmq.Context()
     commands = ctx.socket(zmq.PULL)
     commands.connect(args.commands)

@@ -84,13 +84,16 @@ def check_source(src: SourceCheckpoint, specs: list[WeightSpec]) -> None:
                 raise BuildError(f"tensor {name} has shape {tuple(got)}, expected {tuple(want)}")
 
 
-def _dummy_tensor(spec: WeightSpec, index: int, dtype: torch.dtype) -> torch.Tensor:
+def _dummy_tensor(spec: WeightSpec, index: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    """Seeded random weights (N(0, 0.02²); norms 1, biases 0), drawn on `device`: the same seed
+    and device kind give the same bytes."""
     if spec.name.endswith("norm.weight"):
         return torch.ones(spec.shape, dtype=dtype)
     if spec.name.endswith(".bias"):
         return torch.zeros(spec.shape, dtype=dtype)
-    g = torch.Generator().manual_seed(1000 + index)
-    return (torch.randn(spec.shape, generator=g) * 0.02).to(dtype)
+    g = torch.Generator(device=device).manual_seed(1000 + index)
+    t = torch.randn(spec.shape, generator=g, device=device, dtype=torch.float32).mul_(0.02).to(dtype)
+    return t.cpu()
 
 
 def fused_tensor(src: SourceCheckpoint, spec: WeightSpec, dtype: torch.dtype) -> torch.Tensor:
@@ -153,6 +156,7 @@ def build_engine(
     progress: bool = True,
     dummy: bool = False,
     *,
+    device: str = "cpu",
     max_seq_len: int | None = None,
     max_batch_size: int | None = None,
     max_num_tokens: int | None = None,
@@ -167,6 +171,8 @@ def build_engine(
     `max_seq_len`, `max_batch_size`, `max_num_tokens`, `block_size` override its fields.
     `dummy`: write deterministic random weights instead of reading the checkpoint's tensors
     (config and tokenizer still come from the source); the manifest records `"dummy": true`.
+    A `kiln.build.dummy.DummySource` (a named architecture, `kiln build --dummy`) is always
+    built dummy. `device`: where dummy weights are drawn (a GPU draws 7B of them in seconds).
 
     Output directory rules: a missing or empty `out_dir` is created; an existing kiln engine
     (it has a `manifest.json`) is replaced; any other non-empty directory is refused, so a build
@@ -193,6 +199,7 @@ def build_engine(
                 f"output directory {out} is not empty and is not a kiln engine; refusing to overwrite it"
             )
     src = source if isinstance(source, SourceCheckpoint) else open_source(source)
+    dummy = dummy or src.kind == "dummy"
     try:
         profile = _fit_to_context(profile, src.config.max_position_embeddings,
                                   explicit=max_seq_len is not None or profile_given)
@@ -200,7 +207,7 @@ def build_engine(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; an engine is an ordinary directory
         try:
-            _build_into(src, tmp, resolve_dtype(dtype, src), profile, progress, dummy)
+            _build_into(src, tmp, resolve_dtype(dtype, src), profile, progress, dummy, device)
             _swap_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -223,7 +230,8 @@ def _fit_to_context(profile: ShapeProfile, context: int, explicit: bool) -> Shap
 
 
 def _build_into(
-    src: SourceCheckpoint, tmp: Path, dtype: torch.dtype, profile: ShapeProfile, progress: bool, dummy: bool
+    src: SourceCheckpoint, tmp: Path, dtype: torch.dtype, profile: ShapeProfile, progress: bool, dummy: bool,
+    device: str = "cpu",
 ) -> None:
     cfg = src.config
     specs = runtime_layout(cfg)
@@ -241,7 +249,7 @@ def _build_into(
         f.write(header)
         sha.update(header)
         for i, spec in enumerate(bar):
-            t = _dummy_tensor(spec, i, dtype) if dummy else fused_tensor(src, spec, dtype)
+            t = _dummy_tensor(spec, i, dtype, device) if dummy else fused_tensor(src, spec, dtype)
             if tuple(t.shape) != spec.shape:
                 raise BuildError(f"{spec.name}: built shape {tuple(t.shape)}, expected {spec.shape}")
             _write_tensor(f, sha, t)
@@ -262,7 +270,8 @@ def _build_into(
             "eos_token_ids": list(tok_info.eos_token_ids),
         },
         weights=[{"file": WEIGHTS_NAME, "sha256": sha.hexdigest(), "bytes": weights_path.stat().st_size}],
-        source={"kind": src.kind, "path": str(src.path.absolute()), "files": src.file_hashes()},
+        source={"kind": src.kind, "path": str(src.path.absolute()), "files": src.file_hashes(),
+                **getattr(src, "description", {})},
         versions={"kiln": __version__, "torch": torch.__version__},
         build_time=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         dummy=dummy,

@@ -6,7 +6,9 @@ import argparse
 import sys
 import time
 
+from kiln.build.dummy_configs import ARCHITECTURES
 from kiln.config import ShapeProfile
+from kiln.errors import KilnError
 
 
 def register(sub) -> None:
@@ -15,7 +17,13 @@ def register(sub) -> None:
         description="Build SOURCE (a Hugging Face model directory, a .gguf file, or 'default' for the "
                     "embedded SmolLM2-135M-Instruct) into ENGINE_DIR: manifest.json, fused weights "
                     "in safetensors, tokenizer.json.")
-    p.add_argument("source", help="HF model directory, .gguf file, or 'default'")
+    p.add_argument("source", nargs="?", help="HF model directory, .gguf file, or 'default'")
+    p.add_argument("--dummy", metavar="ARCH", choices=sorted(ARCHITECTURES),
+                   help="instead of SOURCE: a benchmark engine of this architecture's real shapes with "
+                        "seeded random weights and the default model's tokenizer (%(choices)s); "
+                        "`kiln serve` refuses it unless --allow-dummy")
+    p.add_argument("--device", default="cpu", help="where --dummy weights are drawn (default cpu; cuda is "
+                                                   "much faster for 7B)")
     p.add_argument("-o", "--output", required=True, metavar="ENGINE_DIR",
                    help="where to write the engine (an existing engine there is replaced)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
@@ -36,9 +44,20 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from kiln.build.builder import build_engine
 
+    if (args.source is None) == (args.dummy is None):
+        raise KilnError("give either SOURCE or --dummy ARCH")
+    source = args.source
+    if args.dummy:
+        from kiln.build.dummy import DummySource
+
+        source = DummySource(args.dummy)
     t0 = time.perf_counter()
-    out = build_engine(args.source, args.output, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                       max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-                       block_size=args.block_size, progress=not args.no_progress)
+    try:
+        out = build_engine(source, args.output, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                           max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+                           block_size=args.block_size, progress=not args.no_progress, device=args.device)
+    finally:
+        if args.dummy:
+            source.close()
     print(f"built {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     return 0

@@ -17,7 +17,10 @@ def model_name(engine_dir: Path) -> str:
     the engine directory's name when the source is unknown."""
     from kiln.engine_dir import read_manifest
 
-    path = (read_manifest(engine_dir).source or {}).get("path")
+    m = read_manifest(engine_dir)
+    if m.dummy and m.source.get("dummy_of"):
+        return f"dummy-{m.source['dummy_of']}"
+    path = (m.source or {}).get("path")
     if not path:
         return engine_dir.resolve().name
     p = Path(path)
@@ -63,6 +66,8 @@ def register(sub) -> None:
     p.add_argument("--log-requests", action="store_true",
                    help="log prompts and outputs (off by default: they never reach the logs)")
     p.add_argument("--no-access-log", action="store_true", help="no per-request access log lines")
+    p.add_argument("--allow-dummy", action="store_true",
+                   help="serve a dummy engine (random weights, from `kiln build --dummy`), for benchmarks")
     add_engine_options(p)
     p.set_defaults(func=run)
 
@@ -81,6 +86,11 @@ def run(args: argparse.Namespace) -> int:
         if not (engine_dir / "manifest.json").is_file():
             raise KilnError(f"{engine_dir} is not an engine directory (no manifest.json); "
                             f"build one with `kiln build`")
+    from kiln.engine_dir import read_manifest
+
+    if read_manifest(engine_dir).dummy and not args.allow_dummy:
+        raise KilnError(f"{engine_dir} is a dummy engine (random weights: its text is meaningless); "
+                        f"pass --allow-dummy to serve it anyway, e.g. for a benchmark")
     name = args.served_model_name or model_name(engine_dir)
     api_key = args.api_key if args.api_key is not None else os.environ.get("KILN_API_KEY")
     if api_key is not None and not api_key.strip():

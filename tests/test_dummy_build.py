@@ -70,18 +70,20 @@ def test_shrunk_tokenizer_stays_in_range_and_round_trips():
     assert max(raw["model"]["vocab"].values()) < 1000 and all(t["id"] < 1000 for t in raw["added_tokens"])
 
 
-def test_cli_refuses_unknown_arch_and_serve_refuses_a_dummy(tmp_path):
+def test_cli_refuses_unknown_arch_and_serve_refuses_a_dummy(tmp_path, default_engine):
     r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "build", "--dummy", "gpt-5", "-o",
                         str(tmp_path / "x")], capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "build", "-o", str(tmp_path / "x")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "either SOURCE or --dummy" in r.stderr
-    src = DummySource("qwen2.5-7b", **SMALL)
+    src = DummySource("qwen2.5-7b", tokenizer_from=default_engine, **SMALL)  # a vocabulary > 49152: kept
     try:
         engine = build_engine(src, tmp_path / "q", dtype="float32", progress=False)
     finally:
         src.close()
+    assert (engine / "tokenizer.json").read_text() == (default_engine / "tokenizer.json").read_text()
+    assert read_manifest(engine).chat_template == read_manifest(default_engine).chat_template
     r = subprocess.run([sys.executable, "-m", "kiln.cli.main", "serve", str(engine), "--port", "1"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "dummy engine" in r.stderr and "--allow-dummy" in r.stderr

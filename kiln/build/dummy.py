@@ -48,16 +48,21 @@ class DummySource(SourceCheckpoint):
     kind = "dummy"
     weights_error = "a dummy source has no weights"
 
-    def __init__(self, name: str, **overrides: Any):
+    def __init__(self, name: str, tokenizer_from: str | Path | None = None, **overrides: Any):
         if name not in ARCHITECTURES:
             raise BuildError(f"unknown dummy architecture {name!r}; known: {', '.join(ARCHITECTURES)}")
-        from kiln.build.default_model import default_gguf_path
-        from kiln.build.gguf_reader import GGUFCheckpoint
-
         self.name = name
-        self._tok_source = GGUFCheckpoint(default_gguf_path())
         config = ModelConfig.from_hf({**ARCHITECTURES[name], **overrides})
-        super().__init__(self._tok_source.path, config, torch.float16)
+        if tokenizer_from is None:  # the embedded default model's GGUF
+            from kiln.build.default_model import default_gguf_path
+            from kiln.build.gguf_reader import GGUFCheckpoint
+
+            self._tok_source = GGUFCheckpoint(default_gguf_path())
+            path = self._tok_source.path
+        else:  # an engine directory's tokenizer.json and manifest (no weights needed)
+            self._tok_source = _EngineTokenizer(Path(tokenizer_from))
+            path = self._tok_source.path
+        super().__init__(path, config, torch.float16)
 
     @property
     def description(self) -> dict[str, Any]:
@@ -79,13 +84,42 @@ class DummySource(SourceCheckpoint):
         return TokenizerInfo(info.chat_template, dict(info.special_tokens), eos)
 
     def write_tokenizer(self, dest: Path) -> None:
-        text = self._tok_source._hf_tokenizer().backend_tokenizer.to_str()
-        if self.config.vocab_size < self._tok_source._hf_tokenizer().backend_tokenizer.get_vocab_size(True):
+        from tokenizers import Tokenizer
+
+        text = self._tok_source.tokenizer_json()
+        if self.config.vocab_size < Tokenizer.from_str(text).get_vocab_size(with_added_tokens=True):
             text = shrink_tokenizer_json(text, self.config.vocab_size)
         Path(dest).write_text(text, encoding="utf-8")
 
     def source_files(self) -> list[Path]:
-        return [self._tok_source.path]  # the tokenizer's origin; the weights come from the seed
+        return self._tok_source.source_files()  # the tokenizer's origin; the weights come from the seed
 
     def close(self) -> None:
         self._tok_source.close()
+
+
+class _EngineTokenizer:
+    """The tokenizer of an engine directory (tokenizer.json + the manifest's tokenizer entry)."""
+
+    def __init__(self, engine_dir: Path):
+        self.path = engine_dir
+        try:
+            self._entry = json.loads((engine_dir / "manifest.json").read_text(encoding="utf-8"))["tokenizer"]
+            self._file = engine_dir / self._entry.get("file", "tokenizer.json")
+            self._file.stat()
+        except (OSError, KeyError, TypeError, ValueError) as e:
+            raise BuildError(f"cannot take a tokenizer from {engine_dir}: {' '.join(str(e).split())}") from None
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        e = self._entry
+        return TokenizerInfo(e.get("chat_template"), dict(e.get("special_tokens") or {}),
+                             tuple(int(i) for i in e.get("eos_token_ids") or ()))
+
+    def tokenizer_json(self) -> str:
+        return self._file.read_text(encoding="utf-8")
+
+    def source_files(self) -> list[Path]:
+        return [self._file]
+
+    def close(self) -> None:
+        pass

@@ -225,6 +225,9 @@ class GGUFCheckpoint(SourceCheckpoint):
     def write_tokenizer(self, dest: Path) -> None:
         self._hf_tokenizer().backend_tokenizer.save(str(dest))
 
+    def tokenizer_json(self) -> str:
+        return self._hf_tokenizer().backend_tokenizer.to_str()
+
     def source_files(self) -> list[Path]:
         return [self.path]
 

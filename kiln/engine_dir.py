@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -247,8 +248,54 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def verify_weights(manifest: EngineManifest) -> None:
-    """Hash every weight file and compare with the manifest; refuse a mismatch."""
+VERIFIED_CACHE = "verified-weights.json"  # in the kiln cache directory
+# Only files unmodified for this long are remembered as verified: a rewrite within the same
+# timestamp tick as the verification would otherwise keep the same mtime.
+_SETTLED_NS = 2_000_000_000
+
+
+def _file_key(path: Path, sha256: str) -> str:
+    """What identifies one verified file: where it is, its inode, size and modification time, and
+    the hash it was checked against. Rewriting the file changes its mtime (or inode), which
+    invalidates the entry."""
+    st = path.stat()
+    return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{sha256}"
+
+
+def _verified_cache_path() -> Path:
+    from kiln.build.default_model import cache_dir
+
+    return cache_dir() / VERIFIED_CACHE
+
+
+def _read_verified() -> set[str]:
+    try:
+        data = json.loads(_verified_cache_path().read_text(encoding="utf-8"))
+        return set(data) if isinstance(data, list) else set()
+    except (OSError, ValueError):
+        return set()
+
+
+def _record_verified(keys: list[str]) -> None:
+    path = _verified_cache_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = sorted(_read_verified() | set(keys))[-256:]  # bounded
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next load a re-hash
+
+
+def verify_weights(manifest: EngineManifest, use_cache: bool = True) -> None:
+    """Hash every weight file and compare with the manifest; refuse a mismatch.
+
+    With `use_cache`, a file verified before and unchanged since (same inode, size and mtime) is
+    not hashed again: the 13.5 GB of a 7B engine take 13 s to hash. The record lives in the kiln
+    cache directory (`$KILN_CACHE_DIR/verified-weights.json`), never in the engine directory."""
+    known = _read_verified() if use_cache else set()
+    verified = []
     for w in manifest.weights:
         path = manifest.path / w["file"]
         if not path.is_file():
@@ -260,12 +307,19 @@ def verify_weights(manifest: EngineManifest) -> None:
                 "the engine is corrupt, rebuild it"
             )
         if "sha256" in w:
+            key = _file_key(path, w["sha256"])
+            if key in known:
+                continue
             got = sha256_file(path)
             if got != w["sha256"]:
                 raise EngineLoadError(
                     f"{w['file']}: sha256 mismatch (expected {w['sha256'][:12]}…, got {got[:12]}…); "
                     "the engine is corrupt, rebuild it"
                 )
+            if time.time_ns() - path.stat().st_mtime_ns > _SETTLED_NS:
+                verified.append(key)  # a file modified moments ago could change again unseen
+    if use_cache and verified:
+        _record_verified(verified)
 
 
 def read_safetensors_header(path: str | os.PathLike) -> tuple[int, dict[str, Any]]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -186,3 +188,27 @@ def test_default_engine_loads(default_engine):
     w = load_weights(m)
     assert w["embed_tokens.weight"].shape == (49152, 576) and "lm_head.weight" not in w
     assert w["layers.0.attn.qkv_proj.weight"].shape == (576 + 2 * 192, 576)
+
+
+def test_verification_is_remembered_until_the_file_changes(tiny_engine, tmp_path, monkeypatch):
+    import kiln.engine_dir as ed
+
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_engine, engine)
+    w = engine / "weights.safetensors"
+    os.utime(w, (1_700_000_000, 1_700_000_000))  # settled: written long ago
+    m = read_manifest(engine)
+    hashed = []
+    real = ed.sha256_file
+    monkeypatch.setattr(ed, "sha256_file", lambda p: hashed.append(p) or real(p))
+    verify_weights(m)
+    verify_weights(m)
+    assert len(hashed) == 1  # the second load trusted the record
+    verify_weights(m, use_cache=False)
+    assert len(hashed) == 2
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    w.write_bytes(bytes(data))  # same size; the rewrite changes the modification time
+    with pytest.raises(EngineLoadError, match="sha256 mismatch"):
+        verify_weights(m)

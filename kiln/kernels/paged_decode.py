@@ -1,9 +1,11 @@
 """Paged-attention decode in Triton: one new query token per sequence, GQA-aware, split along the
 sequence (flash-decoding).
 
-Program (b, kv_head, split) reads the blocks of sequence b's split from the paged cache through
-its block table, once for all G = heads / kv_heads query heads that share the kv head, and keeps an
-online softmax (running max m, sum l, weighted values acc) in float32. A second kernel merges the
+Program (b, kv_head, split) reads its share of sequence b's context from the paged cache through
+the block table, TILE_TOKENS tokens (several blocks) at a time, once for all G = heads / kv_heads
+query heads that share the kv head: the scores and the weighted values are `tl.dot`s of the head
+group (padded to 16 rows) against the tile, on tensor cores. It keeps an online softmax (running
+max m, sum l, weighted values acc) in float32. A second kernel merges the
 splits. Splits let a batch-1 long-context decode use the whole GPU; with one split the merge is a
 rescale. No host synchronization and fixed grid shapes for a given batch size and split count, so
 the launch can be captured in a CUDA graph.
@@ -28,8 +30,9 @@ def _decode_split_kernel(
     stride_btb,
     stride_ab, stride_ah, stride_as,
     stride_mb, stride_mh, stride_ms,
-    scale, blocks_per_split,
+    scale, tokens_per_split,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
+    TILE: tl.constexpr, IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -41,28 +44,37 @@ def _decode_split_kernel(
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32) * scale
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    q = (q.to(tl.float32) * scale).to(K.dtype.element_ty)  # [BLOCK_G, BLOCK_D]: padded rows are 0
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    n_blocks = tl.cdiv(seq_len, BS)
-    start = split * blocks_per_split
-    end = tl.minimum(start + blocks_per_split, n_blocks)
-    offs = tl.arange(0, BS)
-    for blk in range(start, end):
-        block_id = tl.load(BT + b * stride_btb + blk).to(tl.int64)
-        pos_ok = blk * BS + offs < seq_len
-        kv_mask = pos_ok[:, None] & d_ok[None, :]
-        k = tl.load(K + block_id * stride_kb + offs[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)
-        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)  # [BLOCK_G, BS]
-        s = tl.where(pos_ok[None, :], s, float("-inf"))
+    first = split * tokens_per_split
+    last = tl.minimum(first + tokens_per_split, seq_len)
+    tok = tl.arange(0, TILE)  # TILE tokens (several cache blocks) per iteration
+    for t0 in range(first, last, TILE):
+        pos = t0 + tok
+        ok = pos < last
+        bid = tl.load(BT + b * stride_btb + pos // BS, mask=ok, other=0).to(tl.int64)
+        slot = pos % BS
+        kv_mask = ok[:, None] & d_ok[None, :]
+        k = tl.load(K + bid[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, TILE]
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(V + block_id * stride_vb + offs[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                    mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+        v = tl.load(V + bid[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :],
+                    mask=kv_mask, other=0.0)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     tl.store(ACC + b * stride_ab + heads[:, None] * stride_ah + split * stride_as + d[None, :], acc,
@@ -100,6 +112,9 @@ def _merge_kernel(
     tl.store(O + b * stride_ob + h * stride_oh + d, (out / total).to(O.dtype.element_ty), mask=d_ok)
 
 
+TILE_TOKENS = 64  # context tokens per inner iteration (several cache blocks)
+
+
 def num_splits_for(batch: int, kv_heads: int, max_blocks: int, target_programs: int = 264) -> int:
     """Splits per sequence so that batch x kv_heads x splits fills about `target_programs`
     (two waves on an H100's 132 SMs), never more than the blocks a sequence can have."""
@@ -124,12 +139,13 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     g = heads // kv_heads
     max_blocks = block_tables.shape[1]
     splits = num_splits or num_splits_for(b, kv_heads, max_blocks)
-    per_split = triton.cdiv(max_blocks, splits)
+    tile = TILE_TOKENS
+    per_split = triton.cdiv(triton.cdiv(max_blocks * bs, splits), tile) * tile
     acc = torch.empty(b, heads, splits, d, dtype=torch.float32, device=q.device)
     ml = torch.empty(b, heads, splits, 2, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
-    block_g = max(triton.next_power_of_2(g), 1)
-    block_d = triton.next_power_of_2(d)
+    block_g = max(triton.next_power_of_2(g), 16)  # tl.dot needs 16 rows; the padding rows are zeros
+    block_d = max(triton.next_power_of_2(d), 16)
     _decode_split_kernel[(b, kv_heads, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, acc, ml,
         q.stride(0), q.stride(1),
@@ -139,7 +155,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2),
         scale, per_split,
-        G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BS=bs,
+        G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BS=bs, TILE=tile,
+        IEEE=k_cache.dtype == torch.float32,
     )
     _merge_kernel[(b, heads)](
         acc, ml, out,

@@ -96,3 +96,14 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=meta.attn_bias(q.dtype), scale=scale,
                                          enable_gqa=kv_heads != heads)
     return out.transpose(1, 2).reshape(b * meta.max_q, heads, hd).index_select(0, meta.query_index)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The attention a step runs: on a GPU, a batch of pure decodes (one query per sequence, no
+    sliding window) goes to the Triton paged-decode kernel; everything else to the reference."""
+    if q.is_cuda and meta.max_q == 1 and meta.sliding_window is None:
+        from kiln.kernels.paged_decode import paged_decode_attention
+
+        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale)

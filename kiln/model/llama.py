@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kiln.config import ModelConfig
-from kiln.model.attention import current_metadata, paged_attention_ref, write_kv
+from kiln.model.attention import current_metadata, paged_attention, write_kv
 from kiln.model.layers import GatedMLP, RMSNorm, apply_rope
 
 
@@ -39,7 +39,7 @@ class Attention(nn.Module):
         meta = current_metadata()
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention_ref(q, k_cache, v_cache, meta, self.scale)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(t, cfg.q_size))
 
 

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_smoke import kiln_decode  # noqa: E402
+
 
 def copy_bandwidth() -> float:
     x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
@@ -37,21 +40,10 @@ def copy_bandwidth() -> float:
 
 
 def decode(llm, batch: int, prompt_len: int, tokens: int) -> dict:
-    from kiln import SamplingParams
-
     prompts = [[(7 * i + j) % 30000 + 100 for j in range(prompt_len)] for i in range(batch)]
-    p = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    llm.generate(prompts, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, p)
-    wall = time.perf_counter() - t0
-    ms = [o.outputs[0].metrics for o in outs]
-    dec = max(m.finished_time for m in ms) - max(m.first_token_time for m in ms)
-    return {"batch": batch, "prompt_len": prompt_len, "tokens": tokens,
-            "ttft_ms": round(min(m.ttft for m in ms) * 1e3, 2),
-            "decode_ms_per_step": round(dec / (tokens - 1) * 1e3, 2),
-            "output_tok_s": round(batch * tokens / wall, 1)}
+    r = kiln_decode(llm, prompts, tokens)
+    return {"batch": batch, "prompt_len": prompt_len, "tokens": tokens, "ttft_ms": round(r["ttft_ms"], 2),
+            "decode_ms_per_step": round(r["decode_ms_per_step"], 2), "output_tok_s": round(r["output_tok_s"], 1)}
 
 
 def profile_step(llm) -> dict:

@@ -74,7 +74,8 @@ def kiln_decode(llm, prompts: list[list[int]], tokens: int) -> dict:
     firsts = [o.outputs[0].metrics for o in outs]
     decode = max(m.finished_time for m in firsts) - max(m.first_token_time for m in firsts)
     return {"batch": len(prompts), "output_tok_s": len(prompts) * tokens / dt,
-            "decode_ms_per_step": decode / (tokens - 1) * 1000}
+            "decode_ms_per_step": decode / (tokens - 1) * 1000,
+            "ttft_ms": min(m.ttft for m in firsts) * 1000}
 
 
 def hf_decode(path: Path, dtype: torch.dtype, prompt: list[int], tokens: int) -> dict:

@@ -254,11 +254,10 @@ VERIFIED_CACHE = "verified-weights.json"  # in the kiln cache directory
 _SETTLED_NS = 2_000_000_000
 
 
-def _file_key(path: Path, sha256: str) -> str:
+def _file_key(path: Path, st: os.stat_result, sha256: str) -> str:
     """What identifies one verified file: where it is, its inode, size and modification time, and
     the hash it was checked against. Rewriting the file changes its mtime (or inode), which
     invalidates the entry."""
-    st = path.stat()
     return f"{path.resolve()}|{st.st_dev}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{sha256}"
 
 
@@ -300,14 +299,15 @@ def verify_weights(manifest: EngineManifest, use_cache: bool = True) -> None:
         path = manifest.path / w["file"]
         if not path.is_file():
             raise EngineLoadError(f"engine weight file missing: {path}; rebuild the engine")
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
         if "bytes" in w and size != int(w["bytes"]):
             raise EngineLoadError(
                 f"{w['file']}: size mismatch (expected {w['bytes']} bytes, got {size}); "
                 "the engine is corrupt, rebuild it"
             )
         if "sha256" in w:
-            key = _file_key(path, w["sha256"])
+            key = _file_key(path, st, w["sha256"])
             if key in known:
                 continue
             got = sha256_file(path)
@@ -316,7 +316,7 @@ def verify_weights(manifest: EngineManifest, use_cache: bool = True) -> None:
                     f"{w['file']}: sha256 mismatch (expected {w['sha256'][:12]}…, got {got[:12]}…); "
                     "the engine is corrupt, rebuild it"
                 )
-            if time.time_ns() - path.stat().st_mtime_ns > _SETTLED_NS:
+            if time.time_ns() - st.st_mtime_ns > _SETTLED_NS:
                 verified.append(key)  # a file modified moments ago could change again unseen
     if use_cache and verified:
         _record_verified(verified)

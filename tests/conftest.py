@@ -56,14 +56,7 @@ def tiny_engine(tmp_path_factory, tiny_hf_dir) -> Path:
 def server(default_engine):
     """One `kiln serve` process of the default model, with an API key, shared by the HTTP tests
     that leave it as they found it. At the end it must drain on SIGTERM, exit 0, leave no child."""
-    from serve_helpers import API_KEY, ServerProcess, children
+    from serve_helpers import API_KEY, serving
 
-    srv = ServerProcess(default_engine, api_key=API_KEY)
-    try:
-        srv.wait_ready()
+    with serving(default_engine, api_key=API_KEY) as srv:
         yield srv
-        pid = srv.proc.pid
-        assert srv.stop() == 0, srv.output()
-        assert children(pid) == []
-    finally:
-        srv.close()

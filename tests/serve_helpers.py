@@ -3,10 +3,12 @@
 `ServerProcess(engine, *args)` starts `python -m kiln.cli.main serve ENGINE --port P ...` with its
 output in a log file; `wait_ready()` polls /ready; `stop()` sends SIGTERM and returns the exit
 code; `children()` lists its live child processes (read from /proc). `metrics()` parses /metrics.
+`serving(engine, *args)` is all of that as a context manager for fixtures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -127,3 +129,18 @@ class ServerProcess:
             self.proc.wait()
         self.log.close()
         os.unlink(self.log.name)
+
+
+@contextlib.contextmanager
+def serving(engine: str | Path, *args: str, api_key: str | None = None):
+    """A ready server; when the block ends normally it must drain on SIGTERM, exit 0 and leave no
+    child process behind. It is killed in any case."""
+    srv = ServerProcess(engine, *args, api_key=api_key)
+    try:
+        srv.wait_ready()
+        yield srv
+        pid = srv.proc.pid
+        assert srv.stop() == 0, srv.output()
+        assert children(pid) == []
+    finally:
+        srv.close()

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import MODEL, ServerProcess
+from serve_helpers import MODEL, ServerProcess, serving
 from test_serve_errors import assert_error
 
 from kiln.serve.admission import Admission, Overloaded
@@ -83,13 +83,8 @@ def test_admission_tokens_timeout_and_shutdown():
 
 @pytest.fixture(scope="module")
 def small_server(default_engine):
-    srv = ServerProcess(default_engine, "--max-num-seqs", "1", "--max-queue", "1")
-    try:
-        srv.wait_ready()
+    with serving(default_engine, "--max-num-seqs", "1", "--max-queue", "1") as srv:
         yield srv
-        assert srv.stop() == 0
-    finally:
-        srv.close()
 
 
 async def _timed_post(client: httpx.AsyncClient, path: str, body: dict):

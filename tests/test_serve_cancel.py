@@ -16,7 +16,7 @@ import time
 
 import httpx
 import pytest
-from serve_helpers import MODEL, ServerProcess
+from serve_helpers import MODEL, ServerProcess, serving
 
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike".split()
 
@@ -67,13 +67,8 @@ async def _cancel_after(coro, seconds: float):
 
 @pytest.fixture(scope="module")
 def srv(default_engine):
-    s = ServerProcess(default_engine, "--max-num-seqs", "4")
-    try:
-        s.wait_ready()
+    with serving(default_engine, "--max-num-seqs", "4") as s:
         yield s
-        assert s.stop() == 0
-    finally:
-        s.close()
 
 
 def test_cancelled_requests_free_everything_and_do_not_disturb_the_others(srv):

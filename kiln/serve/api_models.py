@@ -33,13 +33,17 @@ def _check_text(value: Any) -> Any:
     return value
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class _Text(BaseModel):
+    """Every field's strings, however nested, must be valid Unicode."""
 
     @field_validator("*", mode="after")
     @classmethod
     def _valid_unicode(cls, v: Any) -> Any:
         return _check_text(v)
+
+
+class _Body(_Text):
+    model_config = ConfigDict(extra="ignore")
 
 
 class StreamOptions(_Body):
@@ -73,16 +77,11 @@ class _SamplingFields(_Body):
     skip_special_tokens: bool | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Text):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ...: passed to the chat template
 
     role: str
     content: str | list[dict[str, Any]] | None = None
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _valid_unicode(cls, v: Any) -> Any:
-        return _check_text(v)
 
 
 class ChatCompletionRequest(_SamplingFields):

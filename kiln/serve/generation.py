@@ -167,17 +167,27 @@ async def _until_disconnect(receive) -> None:
             return
 
 
+async def _unless_gone(coro, receive) -> asyncio.Task | None:
+    """Run `coro` unless the client disconnects first, which cancels it. Returns its finished
+    task (call .result() for its value or exception), or None if the client left."""
+    work = asyncio.ensure_future(coro)
+    gone = asyncio.create_task(_until_disconnect(receive))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():
+            work.cancel()
+        await asyncio.gather(work, gone, return_exceptions=True)
+    return None if work.cancelled() else work
+
+
 async def _wait_turn(adm, ticket: Ticket, timeout: float, receive) -> bool:
     """Wait for a running slot, or until the client disconnects (returns False)."""
     if ticket.granted:
         return True
-    turn = asyncio.create_task(adm.wait(ticket, timeout))
-    gone = asyncio.create_task(_until_disconnect(receive))
-    await asyncio.wait({turn, gone}, return_when=asyncio.FIRST_COMPLETED)
-    for t in (turn, gone):
-        t.cancel()
-    await asyncio.gather(turn, gone, return_exceptions=True)
-    if turn.cancelled():
+    turn = await _unless_gone(adm.wait(ticket, timeout), receive)
+    if turn is None:
         return False
     turn.result()  # re-raises TimeoutError or Overloaded
     return True
@@ -198,14 +208,9 @@ class _SSE(StreamingResponse):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
-        body = asyncio.create_task(pump())
-        gone = asyncio.create_task(_until_disconnect(receive))
         try:
-            await asyncio.wait({body, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await _unless_gone(pump(), receive)  # a failed send means the client left too
         finally:
-            for t in (body, gone):
-                t.cancel()
-            await asyncio.gather(body, gone, return_exceptions=True)
             await self.chunks.aclose()
             await self.run.close()
 
@@ -325,13 +330,9 @@ async def handle(state: ServerState, body: ChatCompletionRequest | CompletionReq
     run = _Run(state, job, rid, arrival, lambda: adm.release(ticket))
     if job.stream:
         return _SSE(run, _chunks(state, job, run))
-    gone = asyncio.create_task(_until_disconnect(request.receive))
     try:
-        finished = asyncio.create_task(_drain(run))
-        await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not finished.done():
-            finished.cancel()
-            await asyncio.gather(finished, return_exceptions=True)
+        finished = await _unless_gone(_drain(run), request.receive)
+        if finished is None:
             return Response(status_code=499)  # nobody is listening
         try:
             finished.result()
@@ -339,8 +340,6 @@ async def handle(state: ServerState, body: ChatCompletionRequest | CompletionReq
             raise APIError(500, str(e), None, "worker_died") from None
         return JSONResponse(_body(state, job, run))
     finally:
-        gone.cancel()
-        await asyncio.gather(gone, return_exceptions=True)
         await run.close()
 
 

@@ -155,9 +155,10 @@ def checked_request(state: ServerState, body: ChatCompletionRequest | Completion
     if seqs > limit:
         raise RequestError(f"n x prompts = {seqs} sequences, more than this server runs at once ({limit})",
                            param="n")
-    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    sizes = [len(t.encode("utf-8")) for t in texts]  # each text encoded once: prompts can be MBs
+    nbytes = sum(sizes)
     lower = nbytes // state.tokenizer.max_token_bytes
-    longest = max((len(t.encode("utf-8")) for t in texts), default=0) // state.tokenizer.max_token_bytes
+    longest = max(sizes, default=0) // state.tokenizer.max_token_bytes
     if longest >= state.max_seq_len:  # certain without tokenizing: refuse before the expensive part
         raise RequestError(f"the {param} has at least {longest} tokens; the model's context is "
                            f"{state.max_seq_len} tokens", param=param)

@@ -7,8 +7,9 @@ query heads that share the kv head: the scores and the weighted values are `tl.d
 group (padded to 16 rows) against the tile, on tensor cores. It keeps an online softmax (running
 max m, sum l, weighted values acc) in float32. A second kernel merges the
 splits. Splits let a batch-1 long-context decode use the whole GPU; with one split the merge is a
-rescale. No host synchronization and fixed grid shapes for a given batch size and split count, so
-the launch can be captured in a CUDA graph.
+rescale. Each sequence spreads its own context over the splits (computed on the device from its
+length), so no split idles on block-table padding. No host synchronization and fixed grid shapes for
+a given batch size, split count and table width, so the launch can be captured in a CUDA graph.
 
 The torch reference (`paged_attention_ref` in kiln/model/attention.py) is the CPU path and the
 oracle of the tests, which run this kernel on the CPU through Triton's interpreter.
@@ -30,7 +31,7 @@ def _decode_split_kernel(
     stride_btb,
     stride_ab, stride_ah, stride_as,
     stride_mb, stride_mh, stride_ms,
-    scale, tokens_per_split,
+    scale, num_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     TILE: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -49,8 +50,12 @@ def _decode_split_kernel(
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    first = split * tokens_per_split
-    last = tl.minimum(first + tokens_per_split, seq_len)
+    # Each sequence divides its own context among the splits (whole tiles each), so a split's
+    # work follows the real length, not the block table's padded width: the grid can stay fixed
+    # for a CUDA graph while lengths change from step to step.
+    per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), TILE) * TILE
+    first = split * per_split
+    last = tl.minimum(first + per_split, seq_len)
     tok = tl.arange(0, TILE)  # TILE tokens (several cache blocks) per iteration
     for t0 in range(first, last, TILE):
         pos = t0 + tok
@@ -140,7 +145,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     max_blocks = block_tables.shape[1]
     splits = num_splits or num_splits_for(b, kv_heads, max_blocks)
     tile = TILE_TOKENS
-    per_split = triton.cdiv(triton.cdiv(max_blocks * bs, splits), tile) * tile
     acc = torch.empty(b, heads, splits, d, dtype=torch.float32, device=q.device)
     ml = torch.empty(b, heads, splits, 2, dtype=torch.float32, device=q.device)
     out = torch.empty_like(q)
@@ -154,7 +158,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2),
-        scale, per_split,
+        scale, splits,
         G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BS=bs, TILE=tile,
         IEEE=k_cache.dtype == torch.float32,
     )

@@ -16,6 +16,9 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels import use_kernels
+from kiln.model.layers import apply_rope
+
 
 @dataclass
 class AttentionMetadata:
@@ -83,6 +86,18 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, kv_heads, hd).index_copy_(0, slot_mapping, v)
 
 
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """Rotate q and k, store k and v at their cache slots, return the rotated q [T, heads, hd]:
+    one Triton kernel on CUDA, `apply_rope` + `write_kv` (the reference) elsewhere."""
+    if use_kernels(q):
+        from kiln.kernels.rope_cache import rope_and_cache as kernel
+
+        return kernel(q, k, v, cos_sin, k_cache, v_cache, slot_mapping)
+    write_kv(k_cache, v_cache, apply_rope(k, cos_sin), v, slot_mapping)
+    return apply_rope(q, cos_sin)
+
+
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """Attention of flat queries [T, heads, hd] over the paged cache; returns [T, heads, hd]."""
@@ -102,7 +117,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
     """The attention a step runs: on a GPU, a batch of pure decodes (one query per sequence, no
     sliding window) goes to the Triton paged-decode kernel; everything else to the reference."""
-    if q.is_cuda and meta.max_q == 1 and meta.sliding_window is None:
+    if use_kernels(q) and meta.max_q == 1 and meta.sliding_window is None:
         from kiln.kernels.paged_decode import paged_decode_attention
 
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)

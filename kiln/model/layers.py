@@ -1,4 +1,8 @@
-"""Building blocks of the Llama family: RMSNorm, rotary embeddings, the gated MLP."""
+"""Building blocks of the Llama family: RMSNorm, rotary embeddings, the gated MLP.
+
+Each fused op has its torch reference here (`*_ref`): the CPU path and the test oracle. On CUDA the
+Triton kernels of kiln.kernels run instead (see `kiln.kernels.use_kernels`).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +13,36 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.kernels import use_kernels
+
+
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalizes in float32 and scales in the input dtype, as the reference implementation does."""
+    dtype = x.dtype
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(dtype)
 
 
 class RMSNorm(nn.Module):
-    """Normalizes in float32 and scales in the input dtype, as the reference implementation does."""
+    """`norm(x)`, or `norm(x, residual)` -> (norm(x + residual), x + residual): the residual add
+    fused into the norm that follows it (one kernel on CUDA)."""
 
     def __init__(self, size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if use_kernels(x) and x.dim() == 2:
+            from kiln.kernels.norm import rms_norm
+
+            y, s = rms_norm(x, self.weight, self.eps, residual)
+            return y if residual is None else (y, s)
+        if residual is None:
+            return rms_norm_ref(x, self.weight, self.eps)
+        s = x + residual
+        return rms_norm_ref(s, self.weight, self.eps), s
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -73,5 +92,18 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+
+
+def silu_mul_ref(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] gate|up -> silu(gate) * up [T, I]."""
+    if use_kernels(gate_up):
+        from kiln.kernels.activation import silu_mul as kernel
+
+        return kernel(gate_up)
+    return silu_mul_ref(gate_up)

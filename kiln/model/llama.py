@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from kiln.config import ModelConfig
-from kiln.model.attention import current_metadata, paged_attention, write_kv
-from kiln.model.layers import GatedMLP, RMSNorm, apply_rope
+from kiln.model.attention import current_metadata, paged_attention, rope_and_cache
+from kiln.model.layers import GatedMLP, RMSNorm
 
 
 class Attention(nn.Module):
@@ -34,11 +34,11 @@ class Attention(nn.Module):
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+            q = self.q_norm(q.reshape(-1, cfg.head_dim)).view(t, cfg.num_heads, cfg.head_dim)
+            k = self.k_norm(k.reshape(-1, cfg.head_dim)).view(t, cfg.num_kv_heads, cfg.head_dim)
         meta = current_metadata()
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        q = rope_and_cache(q, k, v, cos_sin, k_cache, v_cache, meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(t, cfg.q_size))
 
@@ -51,9 +51,17 @@ class DecoderLayer(nn.Module):
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.input_norm(x), cos_sin, kv_cache)
-        return x + self.mlp(self.post_attn_norm(x))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
+                kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream travels beside the layer outputs: each layer's first norm adds the
+        previous layer's output to it (one fused kernel on CUDA). Returns (mlp output, residual)."""
+        if residual is None:
+            residual, h = h, self.input_norm(h)
+        else:
+            h, residual = self.input_norm(h, residual)
+        h = self.attn(h, cos_sin, kv_cache)
+        h, residual = self.post_attn_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -73,16 +81,15 @@ class LlamaModel(nn.Module):
                 kv_caches: torch.Tensor) -> torch.Tensor:
         """input_ids, positions: [T]; kv_caches: [layers, 2, blocks, block_size, kv_heads, hd].
 
-        Returns the final hidden states [T, hidden] before the last norm.
+        Returns the final hidden states [T, hidden], after the last norm.
         """
-        x = self.embed_tokens(input_ids)
+        h, residual = self.embed_tokens(input_ids), None
         cos_sin = rope_table.index_select(0, positions)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, cos_sin, kv)
-        return x
+            h, residual = layer(h, residual, cos_sin, kv)
+        return self.norm(h, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Logits [N, vocab] in float32 for the selected hidden states [N, hidden]."""
-        h = self.norm(hidden)
+    def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] in float32 for the selected final hidden states [N, hidden]."""
         weight = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
         return torch.nn.functional.linear(h, weight).float()

@@ -172,6 +172,9 @@ class ShapeProfile:
     max_batch_size: int = 64
     max_num_tokens: int = 2048
     block_size: int = 16
+    # Batch sizes that decode steps are padded up to, one CUDA graph each (None: `graph_batch_sizes`
+    # picks them from max_batch_size)
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_seq_len", "max_batch_size", "max_num_tokens", "block_size"):
@@ -179,13 +182,33 @@ class ShapeProfile:
                 raise BuildError(f"--{name.replace('_', '-')} must be at least 1")
         if self.block_size & (self.block_size - 1):
             raise BuildError(f"--block-size must be a power of two, got {self.block_size}")
+        sizes = self.cuda_graph_batch_sizes
+        if sizes is not None:
+            sizes = tuple(sorted(set(int(b) for b in sizes)))
+            if not sizes or sizes[0] < 1 or sizes[-1] > self.max_batch_size:
+                raise BuildError(f"--cuda-graph-batch-sizes must lie in [1, --max-batch-size "
+                                 f"{self.max_batch_size}], got {list(self.cuda_graph_batch_sizes)}")
+            object.__setattr__(self, "cuda_graph_batch_sizes", sizes)
+
+    @property
+    def graph_batch_sizes(self) -> tuple[int, ...]:
+        """The decode batch buckets: the stored ones, else 1, 2, 4, 8, then every multiple of 16 up
+        to max_batch_size (and max_batch_size itself). Padding wastes at most 15 rows, which cost
+        almost nothing in a decode step bound by reading the weights."""
+        if self.cuda_graph_batch_sizes is not None:
+            return self.cuda_graph_batch_sizes
+        m = self.max_batch_size
+        return tuple(sorted({b for b in (1, 2, 4, 8) if b < m} | set(range(16, m, 16)) | {m}))
 
     @property
     def max_blocks_per_seq(self) -> int:
         return math.ceil(self.max_seq_len / self.block_size)
 
-    def to_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if d["cuda_graph_batch_sizes"] is not None:
+            d["cuda_graph_batch_sizes"] = list(d["cuda_graph_batch_sizes"])
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ShapeProfile":

@@ -161,6 +161,7 @@ def build_engine(
     max_batch_size: int | None = None,
     max_num_tokens: int | None = None,
     block_size: int | None = None,
+    cuda_graph_batch_sizes: tuple[int, ...] | None = None,
 ) -> Path:
     """Build an engine directory at `out_dir` from `source`; return its path.
 
@@ -185,6 +186,7 @@ def build_engine(
         max_batch_size=max_batch_size,
         max_num_tokens=max_num_tokens,
         block_size=block_size,
+        cuda_graph_batch_sizes=cuda_graph_batch_sizes,
     )
     profile_given = profile is not None
     profile = dataclasses.replace(

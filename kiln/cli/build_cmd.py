@@ -40,6 +40,10 @@ def register(sub) -> None:
                    help="most tokens computed in one step (default %(default)s)")
     p.add_argument("--block-size", type=int, default=d.block_size,
                    help="tokens per KV cache block, a power of two (default %(default)s)")
+    p.add_argument("--cuda-graph-batch-sizes", metavar="B,B,...",
+                   type=lambda v: tuple(int(x) for x in v.split(",") if x.strip()),
+                   help="decode batch sizes to capture CUDA graphs for (a step is padded up to the "
+                        "next one); default 1,2,4,8 and every multiple of 16 up to --max-batch-size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -58,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = build_engine(source, args.output, dtype=args.dtype, max_seq_len=args.max_seq_len,
                            max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-                           block_size=args.block_size, progress=not args.no_progress, device=args.device)
+                           block_size=args.block_size,
+                           cuda_graph_batch_sizes=args.cuda_graph_batch_sizes, progress=not args.no_progress, device=args.device)
     finally:
         if args.dummy:
             source.close()

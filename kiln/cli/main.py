@@ -35,6 +35,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--skip-verify", action="store_true",
                    help="skip checking the weight files' sha256 at load (faster, less safe)")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="GPU: run every step eagerly instead of replaying decode steps from CUDA graphs "
+                        "captured at load (faster load, slower decode)")
     g.add_argument("--map-weights", action="store_true",
                    help="CPU: compute from the memory-mapped weight file instead of an in-memory copy "
                         "(shares the page cache between processes; slower decode)")
@@ -44,7 +47,8 @@ def engine_options(args: argparse.Namespace) -> dict:
     return dict(device=args.device, kv_cache_memory=args.kv_cache_memory,
                 kv_cache_fraction=args.kv_cache_fraction, max_num_seqs=args.max_num_seqs,
                 max_num_tokens=args.max_num_tokens, enable_prefix_caching=not args.no_prefix_caching,
-                skip_verify=args.skip_verify, map_weights=args.map_weights)
+                skip_verify=args.skip_verify, map_weights=args.map_weights,
+                cuda_graphs=not args.no_cuda_graphs)
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:

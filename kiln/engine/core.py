@@ -32,7 +32,8 @@ class EngineCore:
         self.runner = ModelRunner(self.manifest, pick_device(options.device),
                                   options.kv_cache_memory, options.kv_cache_fraction,
                                   map_weights=options.map_weights,
-                                  prefault_kv_cache=options.prefault_kv_cache)
+                                  prefault_kv_cache=options.prefault_kv_cache,
+                                  cuda_graphs=options.cuda_graphs)
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=min(options.max_num_seqs or profile.max_batch_size, profile.max_batch_size),
             max_num_tokens=min(options.max_num_tokens or profile.max_num_tokens, profile.max_num_tokens),
@@ -42,6 +43,10 @@ class EngineCore:
             enable_prefix_caching=options.enable_prefix_caching,
         ))
         self.num_steps = 0
+        # Host seconds of all steps so far, by phase: scheduling; preparing inputs and launching
+        # the forward pass and sampler; waiting for the GPU (the sampled tokens); folding the tokens
+        # in. All but `wait` are the CPU's own work per step.
+        self.step_seconds = dict(schedule=0.0, prepare=0.0, wait=0.0, update=0.0)
         self.load_seconds = time.perf_counter() - t0
 
     def add_request(self, req: Request) -> None:
@@ -57,12 +62,24 @@ class EngineCore:
         return self.scheduler.has_unfinished
 
     def step(self) -> list[TokenEvent]:
+        t0 = time.perf_counter()
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
         sampling = [c.request for c in out.chunks if c.samples]  # read before update() appends
+        t1 = time.perf_counter()
+        runner = self.runner
+        runner.sync_start = runner.sync_end = 0.0
         result = self.runner.execute(out)
+        t2 = time.perf_counter()
         finished = {r.request_id for r in self.scheduler.update(out, result.token_ids)}
+        t3 = time.perf_counter()
+        wait = runner.sync_end - runner.sync_start
+        times = self.step_seconds
+        times["schedule"] += t1 - t0
+        times["prepare"] += t2 - t1 - wait
+        times["wait"] += wait
+        times["update"] += t3 - t2
         self.num_steps += 1
         return [
             TokenEvent(req, tok, lp, req.finish_reason if req.request_id in finished else None)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kiln.engine.cuda_graphs import DecodeGraphs
 from kiln.engine.input_batch import ChunkSpec, prepare_inputs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler
@@ -17,6 +18,7 @@ from kiln.engine.sampling_metadata import SamplingMetadata
 from kiln.engine.scheduler_output import SchedulerOutput
 from kiln.engine_dir import EngineManifest, load_weights
 from kiln.errors import EngineLoadError
+from kiln.kernels import use_kernels
 from kiln.engine.events import TokenLogprobs
 from kiln.model.attention import attention_context
 from kiln.model.layers import rope_cos_sin
@@ -69,7 +71,7 @@ def zeroed_pool(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 class ModelRunner:
     def __init__(self, manifest: EngineManifest, device: torch.device,
                  kv_cache_memory: int | None = None, kv_cache_fraction: float = 0.9,
-                 map_weights: bool = False, prefault_kv_cache: bool = False):
+                 map_weights: bool = False, prefault_kv_cache: bool = False, cuda_graphs: bool = True):
         t0 = time.perf_counter()
         self.manifest = manifest
         self.cfg = cfg = manifest.model
@@ -94,6 +96,14 @@ class ModelRunner:
         self.sampler = Sampler()
         self.capture_logits = False  # tests: keep the last step's sampled-row logits
         self.last_logits: torch.Tensor | None = None
+        self.sync_start = self.sync_end = 0.0  # when the last step began and ended waiting for the GPU
+        self.graphs: DecodeGraphs | None = None
+        self.graph_capture_seconds = 0.0
+        if cuda_graphs and device.type == "cuda" and use_kernels(self.kv_caches) and cfg.sliding_window is None:
+            self.graphs = DecodeGraphs(self.model, self.rope_table, self.kv_caches,
+                                       self.profile.graph_batch_sizes, self.profile.max_blocks_per_seq,
+                                       self.block_size)
+            self.graph_capture_seconds = self.graphs.capture()
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -123,23 +133,44 @@ class ModelRunner:
             )
         return int(blocks)
 
-    @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+    def _graph_step(self, out: SchedulerOutput) -> torch.Tensor | None:
+        """Logits of a pure decode step (one sampled token per sequence) from a CUDA graph
+        replay; None when the step is not one or no graph fits it."""
+        chunks = out.chunks
+        if self.graphs is None or len(chunks) > self.graphs.max_batch:
+            return None
+        for c in chunks:
+            if c.end - c.start != 1 or not c.samples:
+                return None
+        return self.graphs.run([_tokens(c.request, c.start, c.end)[0] for c in chunks],
+                               [c.start for c in chunks], [c.request.block_ids for c in chunks])
+
+    def _eager_step(self, out: SchedulerOutput) -> torch.Tensor | None:
         chunks = out.chunks
         specs = [ChunkSpec(_tokens(c.request, c.start, c.end), c.start, c.request.block_ids,
                            c.samples) for c in chunks]
         inputs = prepare_inputs(specs, self.block_size, self.device, self.cfg.sliding_window)
         with attention_context(inputs.attn):
             hidden = self.model(inputs.input_ids, inputs.positions, self.rope_table, self.kv_caches)
-        reqs = [c.request for c in chunks if c.samples]
+        if inputs.logits_indices.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        logits = self._graph_step(out)
+        if logits is None:
+            logits = self._eager_step(out)
+        reqs = [c.request for c in out.chunks if c.samples]
         if not reqs:
             return RunnerOutput([], [])
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
         if self.capture_logits:
             self.last_logits = logits.clone()
         meta = SamplingMetadata.build(reqs, logits.shape[-1], self.device)
         sampled = self.sampler(logits, meta)
+        self.sync_start = time.perf_counter()
         token_ids = sampled.token_ids.tolist()  # the step's one host synchronization
+        self.sync_end = time.perf_counter()
         logprobs: list[TokenLogprobs | None] = [None] * len(reqs)
         if any(r.params.logprobs is not None for r in reqs):
             chosen = sampled.logprobs.tolist()

@@ -25,3 +25,6 @@ class EngineOptions:
     # server does this (a flat footprint; a host short of memory fails at start, not hours later);
     # the offline API does not (faster load).
     prefault_kv_cache: bool = False
+    # CUDA: replay decode steps from CUDA graphs captured at load, one per batch bucket of the
+    # profile (False: every step runs eagerly, launching its kernels one by one).
+    cuda_graphs: bool = True

@@ -27,8 +27,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) per token
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0
     seq_lens: torch.Tensor  # [B] int64: context length of each sequence after this step
-    query_pos: torch.Tensor  # [B, max_q] int64: absolute position of each query, 0 for padding
-    query_index: torch.Tensor  # [T] int64: where each flat token goes in the [B * max_q] padded batch
+    # The reference path's padded-batch layout (None in CUDA-graph decode, whose kernel needs neither):
+    query_pos: torch.Tensor | None  # [B, max_q] int64: absolute position of each query, 0 for padding
+    query_index: torch.Tensor | None  # [T] int64: where each flat token goes in the [B * max_q] batch
     max_q: int
     max_kv: int  # max_blocks * block_size
     sliding_window: int | None = None

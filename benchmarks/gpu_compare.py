@@ -110,6 +110,66 @@ def profile_decode_step(llm, batch: int, context: int) -> dict:
             "gpu_busy_ms": round(busy / 1e3, 3), "kernels": len(kernels), "top_kernels": top}
 
 
+def profile_prefill_host(llm, prompt_len: int) -> dict:
+    """Where the host's time goes in one batch-1 prefill step (eager: no graph for prefills)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kiln.bench.offline import _params, random_prompts
+
+    core = llm.core
+    llm.add_request(random_prompts(core.manifest.model.vocab_size, 1, prompt_len, 777)[0], _params(1),
+                    request_id="prof-prefill")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        core.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    for _ in llm.stream():
+        pass
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
+    return {"wall_ms": round(wall * 1e3, 3),
+            "top_self_cpu": [{"name": e.key[:70], "ms": round(e.self_cpu_time_total / 1e3, 3), "count": e.count}
+                             for e in rows]}
+
+
+def prefill_attention_vs_sdpa(t: int = 2048, heads: int = 32, d: int = 128, bs: int = 16) -> dict:
+    """kiln's paged prefill kernel vs SDPA (flash, causal, contiguous K/V) for one t-token prompt."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from kiln.kernels.paged_prefill import paged_prefill_attention
+    from kiln.kernels.prefill_tiles import prefill_tiles
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(t, heads, d, device="cuda", dtype=torch.float16, generator=g) for _ in range(3))
+    blocks = t // bs
+    kc, vc = k.view(blocks, bs, heads, d), v.view(blocks, bs, heads, d)
+    bt = torch.arange(blocks, device="cuda", dtype=torch.int32)[None]
+    sl = torch.tensor([t], device="cuda", dtype=torch.int32)
+    qs = torch.tensor([0, t], device="cuda", dtype=torch.int32)
+    ts, st = (torch.from_numpy(a).cuda() for a in prefill_tiles(np.array([t])))
+    kiln = lambda: paged_prefill_attention(q, kc, vc, bt, sl, qs, ts, st, d ** -0.5)  # noqa: E731
+    qt, kt, vt = (x.transpose(0, 1)[None] for x in (q, k, v))
+    sdpa = lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)  # noqa: E731
+    err = (kiln().float() - sdpa()[0].transpose(0, 1).float()).abs().max().item()
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / 20 * 1e3
+
+    flops = 4 * t * t * d * heads / 2
+    ms_k, ms_s = timed(kiln), timed(sdpa)
+    return {"tokens": t, "heads": heads, "head_dim": d, "max_abs_err": err,
+            "kiln_ms": round(ms_k, 4), "kiln_tflops": round(flops / ms_k / 1e9, 1),
+            "sdpa_flash_ms": round(ms_s, 4), "sdpa_tflops": round(flops / ms_s / 1e9, 1)}
+
+
 def hf_model(llm):
     """transformers' LlamaForCausalLM whose tensors are views of kiln's (fused q|k|v and gate|up are
     split along dim 0, which needs no copy)."""
@@ -237,14 +297,16 @@ def main() -> int:
     k["b64"] = offline.latency(llm, 64, 128, 64, iters=2)
     k["b256"] = offline.latency(llm, 256, 128, 64, iters=2)
     save()
+    if "profile" not in args.skip:
+        k["prefill_host_128"] = profile_prefill_host(llm, 128)
+        k["prefill_attention_2048"] = prefill_attention_vs_sdpa()
+        k["profile_b1"] = profile_decode_step(llm, 1, 128)
+        k["profile_b256"] = profile_decode_step(llm, 256, 128)
     if "throughput" not in args.skip:
         k["tput_128_128"] = offline.throughput(llm, 1024, 128, 128)
         save()
         k["tput_2048_128"] = offline.throughput(llm, 1024, 2048, 128)
         save()
-    if "profile" not in args.skip:
-        k["profile_b1"] = profile_decode_step(llm, 1, 128)
-        k["profile_b256"] = profile_decode_step(llm, 256, 128)
     res["engine"] = offline.engine_facts(llm)
     save()
     model = None

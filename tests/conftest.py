@@ -9,9 +9,16 @@ directory before changing it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run in its interpreter. This must be set before anything imports
+# triton (transformers does, when a test module imports it), so here, before any test module.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from conftest_build_helpers import make_tiny_llama, save_smollm_tokenizer
 

@@ -55,7 +55,7 @@ def test_graph_replay_matches_eager(tmp_path, dtype):
     from kiln.sampling_params import SamplingParams
     from tiny_models import VOCAB, make_hf_dir
 
-    make_hf_dir("llama", tmp_path / "hf")
+    make_hf_dir("llama2-mha", tmp_path / "hf")
     engine = build_engine(str(tmp_path / "hf"), tmp_path / "engine", dtype=dtype, max_seq_len=128,
                           max_batch_size=16, max_num_tokens=256, block_size=8, progress=False)
     results = {}

@@ -8,6 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kiln.kernels.prefill_tiles import prefill_tiles
 from kiln.model.attention import AttentionMetadata
 
 
@@ -29,8 +30,43 @@ class ModelInputs:
     attn: AttentionMetadata
 
 
+class HostStaging:
+    """Ships a step's integer inputs to the device in one copy: they are packed into one pinned
+    host buffer (kept and grown across steps) and copied with one non-blocking transfer. On the
+    CPU the numpy arrays are used as they are (no copy at all).
+
+    The buffer is rewritten only after the previous step's copy has finished (an event), so a step
+    that ends without a host synchronization (a prompt chunk that samples nothing) is safe too.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buf: torch.Tensor | None = None
+        self._copied: torch.cuda.Event | None = None
+
+    def upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
+        if self.device.type == "cpu":
+            return [torch.from_numpy(a) for a in arrays]
+        total = sum(a.size for a in arrays)
+        if self._copied is not None:
+            self._copied.synchronize()
+        if self._buf is None or self._buf.numel() < total:
+            self._buf = torch.empty(max(total, 2 * (0 if self._buf is None else self._buf.numel()), 4096),
+                                    dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        host = self._buf.numpy()
+        offsets = [0]
+        for a in arrays:
+            host[offsets[-1]:offsets[-1] + a.size] = a.ravel()
+            offsets.append(offsets[-1] + a.size)
+        dev = self._buf[:total].to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return [dev[o:o + a.size].view(a.shape) for o, a in zip(offsets, arrays)]
+
+
 def prepare_inputs(chunks: Sequence[ChunkSpec], block_size: int, device: torch.device,
-                   sliding_window: int | None = None) -> ModelInputs:
+                   sliding_window: int | None = None, staging: HostStaging | None = None) -> ModelInputs:
     """Build inputs for `chunks`; their block tables must cover start + len(token_ids) tokens."""
     lens = np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks))
     starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))
@@ -52,19 +88,16 @@ def prepare_inputs(chunks: Sequence[ChunkSpec], block_size: int, device: torch.d
     query_pos = np.zeros((b, max_q), dtype=np.int64)
     query_pos[seq_idx, local] = positions
     query_index = seq_idx * max_q + local
-
-    def dev(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(a).to(device, non_blocking=True)
-
-    attn = AttentionMetadata(
-        slot_mapping=dev(slots),
-        block_tables=dev(tables),
-        seq_lens=dev(starts + lens),
-        query_pos=dev(query_pos),
-        query_index=dev(query_index),
-        max_q=max_q,
-        max_kv=max_blocks * block_size,
-        sliding_window=sliding_window,
-    )
+    tile_seq, tile_start = prefill_tiles(lens)
     samples = np.fromiter((c.samples for c in chunks), dtype=bool, count=b)
-    return ModelInputs(dev(input_ids), dev(positions), dev((cu[1:] - 1)[samples]), attn)
+
+    (ids_d, pos_d, logits_d, slots_d, tables_d, lens_d, qpos_d, qidx_d, cu_d, tseq_d,
+     tstart_d) = (staging or HostStaging(device)).upload([
+        input_ids, positions, (cu[1:] - 1)[samples], slots, tables, starts + lens, query_pos,
+        query_index, cu, tile_seq.astype(np.int64), tile_start.astype(np.int64)])
+    attn = AttentionMetadata(
+        slot_mapping=slots_d, block_tables=tables_d, seq_lens=lens_d, query_pos=qpos_d,
+        query_index=qidx_d, max_q=max_q, max_kv=max_blocks * block_size,
+        sliding_window=sliding_window, query_start=cu_d, tile_seq=tseq_d, tile_start=tstart_d,
+    )
+    return ModelInputs(ids_d, pos_d, logits_d, attn)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from kiln.engine.cuda_graphs import DecodeGraphs
-from kiln.engine.input_batch import ChunkSpec, prepare_inputs
+from kiln.engine.input_batch import ChunkSpec, HostStaging, prepare_inputs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler
 from kiln.engine.sampling_metadata import SamplingMetadata
@@ -94,6 +94,7 @@ class ModelRunner:
             self.dtype, device, prefault=prefault_kv_cache,
         )
         self.sampler = Sampler()
+        self.staging = HostStaging(device)
         self.capture_logits = False  # tests: keep the last step's sampled-row logits
         self.last_logits: torch.Tensor | None = None
         self.sync_start = self.sync_end = 0.0  # when the last step began and ended waiting for the GPU
@@ -149,7 +150,7 @@ class ModelRunner:
         chunks = out.chunks
         specs = [ChunkSpec(_tokens(c.request, c.start, c.end), c.start, c.request.block_ids,
                            c.samples) for c in chunks]
-        inputs = prepare_inputs(specs, self.block_size, self.device, self.cfg.sliding_window)
+        inputs = prepare_inputs(specs, self.block_size, self.device, self.cfg.sliding_window, self.staging)
         with attention_context(inputs.attn):
             hidden = self.model(inputs.input_ids, inputs.positions, self.rope_table, self.kv_caches)
         if inputs.logits_indices.numel() == 0:

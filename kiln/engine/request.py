@@ -6,6 +6,7 @@ import enum
 import hashlib
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.sampling_params import SamplingParams
 
@@ -53,6 +54,8 @@ class Request:
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    # kiln.engine.sampling_metadata's per-request constants, computed at its first sampled step
+    sampling_row: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_prompt_tokens(self) -> int:

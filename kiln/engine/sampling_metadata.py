@@ -55,6 +55,43 @@ def _flat_pairs(lists: list[list[int]]) -> torch.Tensor:
     return torch.stack([rows, ids])
 
 
+@dataclass(frozen=True)
+class _StaticRow:
+    """A request's sampling settings as the batch needs them: computed once per request (they
+    never change), so a step's host work per row is the step-dependent part only."""
+
+    vocab_size: int
+    floats: list[float]  # temperature, top_p, min_p, repetition, presence, frequency
+    top_k: int  # vocab_size when off
+    seed: int
+    nlp: int  # -1: no logprobs
+    greedy: bool
+    top_p_on: bool
+    min_p_on: bool
+    penalties: bool
+    repetition: bool
+    min_tokens: int
+    suppress: list[int]  # suppressed while fewer than min_tokens are out: stop ids (+ EOS)
+
+    @classmethod
+    def of(cls, req: Request, V: int) -> "_StaticRow":
+        p = req.params
+        g = p.greedy
+        ids = set(p.stop_token_ids)
+        if not p.ignore_eos:
+            ids.update(req.eos_token_ids)
+        return cls(
+            vocab_size=V,
+            floats=[1.0 if g else float(p.temperature), float(p.top_p), float(p.min_p),
+                    float(p.repetition_penalty), float(p.presence_penalty), float(p.frequency_penalty)],
+            top_k=min(p.top_k if p.top_k > 0 else V, V), seed=int(req.seed),
+            nlp=-1 if p.logprobs is None else int(p.logprobs), greedy=g,
+            top_p_on=p.top_p < 1.0, min_p_on=p.min_p > 0.0, penalties=p.uses_penalties,
+            repetition=p.repetition_penalty != 1.0, min_tokens=p.min_tokens,
+            suppress=sorted(i for i in ids if 0 <= i < V) if p.min_tokens else [],
+        )
+
+
 @dataclass
 class SamplingMetadata:
     """Batch sampling state. Tensors are [B] unless noted; all live on ``device``."""
@@ -112,42 +149,32 @@ class SamplingMetadata:
         any_top_k = any_top_p = any_min_p = any_greedy = any_pen = any_rep = any_lp = False
         all_greedy = all_sampling_top_k = True
         for req in rows:
-            p = req.params
-            g = p.greedy
+            row = req.sampling_row
+            if row is None or row.vocab_size != V:
+                row = req.sampling_row = _StaticRow.of(req, V)
+            g = row.greedy
             any_greedy |= g
             all_greedy &= g
-            k = min(p.top_k if p.top_k > 0 else V, V)
             if not g:
-                if k < V:
+                if row.top_k < V:
                     any_top_k = True
-                    max_top_k = max(max_top_k, k)
+                    max_top_k = max(max_top_k, row.top_k)
                 else:
                     all_sampling_top_k = False
-                any_top_p |= p.top_p < 1.0
-                any_min_p |= p.min_p > 0.0
+                any_top_p |= row.top_p_on
+                any_min_p |= row.min_p_on
             step = req.num_output_tokens
-            k1, k2 = row_keys(int(req.seed), step)
-            nlp = -1 if p.logprobs is None else int(p.logprobs)
-            if nlp >= 0:
+            k1, k2 = row_keys(row.seed, step)
+            if row.nlp >= 0:
                 any_lp = True
-                max_nlp = max(max_nlp, nlp)
-            floats.append([1.0 if g else float(p.temperature), float(p.top_p), float(p.min_p),
-                           float(p.repetition_penalty), float(p.presence_penalty),
-                           float(p.frequency_penalty)])
-            ints.append([k, int(req.seed), step, nlp, k1, k2, int(g)])
-            sup: list[int] = []
-            if step < p.min_tokens:
-                ids = set(p.stop_token_ids)
-                if not p.ignore_eos:
-                    ids.update(req.eos_token_ids)
-                sup = sorted(i for i in ids if 0 <= i < V)
-            suppress.append(sup)
-            pen = p.uses_penalties
-            rep = p.repetition_penalty != 1.0
-            any_pen |= pen
-            any_rep |= rep
-            out_ids.append(req.output_token_ids if pen else [])
-            prompt_ids.append(req.prompt_token_ids if rep else [])
+                max_nlp = max(max_nlp, row.nlp)
+            floats.append(row.floats)
+            ints.append([row.top_k, row.seed, step, row.nlp, k1, k2, int(g)])
+            suppress.append(row.suppress if step < row.min_tokens else [])
+            any_pen |= row.penalties
+            any_rep |= row.repetition
+            out_ids.append(req.output_token_ids if row.penalties else [])
+            prompt_ids.append(req.prompt_token_ids if row.repetition else [])
 
         B = len(rows)
         f = put(torch.tensor(floats, dtype=torch.float32).reshape(B, 6).T.contiguous())

@@ -33,6 +33,11 @@ class AttentionMetadata:
     max_q: int
     max_kv: int  # max_blocks * block_size
     sliding_window: int | None = None
+    # The prefill kernel's view (kiln.kernels.paged_prefill): [B + 1] first query row of each
+    # sequence, and its work list of query tiles (sequence, first query).
+    query_start: torch.Tensor | None = None
+    tile_seq: torch.Tensor | None = None
+    tile_start: torch.Tensor | None = None
     _bias: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def key_mask(self) -> torch.Tensor:
@@ -116,10 +121,18 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The attention a step runs: on a GPU, a batch of pure decodes (one query per sequence, no
-    sliding window) goes to the Triton paged-decode kernel; everything else to the reference."""
-    if use_kernels(q) and meta.max_q == 1 and meta.sliding_window is None:
-        from kiln.kernels.paged_decode import paged_decode_attention
+    """The attention a step runs. On a GPU: a batch of pure decodes (one query per sequence, no
+    sliding window) goes to the Triton paged-decode kernel (split along the context), any other
+    batch (prompts, chunks, prefix-cache tails, decodes mixed in) to the Triton prefill kernel.
+    Elsewhere: the torch reference."""
+    if use_kernels(q):
+        if meta.max_q == 1 and meta.sliding_window is None:
+            from kiln.kernels.paged_decode import paged_decode_attention
 
-        return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+        from kiln.kernels.paged_prefill import paged_prefill_attention
+
+        return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
+                                       meta.query_start, meta.tile_seq, meta.tile_start, scale,
+                                       meta.sliding_window)
     return paged_attention_ref(q, k_cache, v_cache, meta, scale)

@@ -14,32 +14,35 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.engine.cuda_graphs import _FIELDS, fill_inputs
+from kiln.engine.cuda_graphs import _FIELDS, fill_inputs, layout
 from kiln.engine.input_batch import ChunkSpec, prepare_inputs
 
 
 def test_fill_inputs_matches_prepare_inputs():
     rng = random.Random(0)
-    bs, width, b = 4, 6, 8
+    bs, width = 4, 6
     n = 5
     positions = [0, 3, 4, 15, 23]  # block starts, a block's last slot, the table's last slot
     tables = [rng.sample(range(1, 100), p // bs + 1) for p in positions]
     tokens = [rng.randrange(1, 50) for _ in range(n)]
-    h = np.full(b * (_FIELDS + width), -7, dtype=np.int32)  # stale values must all be overwritten
+    n_fields, b = _FIELDS, 6  # bucket 6: a bucket whose fields need padding to stay 16-byte aligned
+    s, size = layout(b, width)
+    assert s % 4 == 0 and s >= b and size == n_fields * s + b * width
+    h = np.full(size, -7, dtype=np.int32)  # stale values must all be overwritten
     fill_inputs(h, b, width, bs, tokens, positions, tables)
 
     ref = prepare_inputs([ChunkSpec([t], p, tab) for t, p, tab in zip(tokens, positions, tables)],
                          bs, torch.device("cpu"))
     assert h[:n].tolist() == ref.input_ids.tolist()
-    assert h[b:b + n].tolist() == ref.positions.tolist()
-    assert h[2 * b:2 * b + n].tolist() == ref.attn.slot_mapping.tolist()
-    assert h[3 * b:3 * b + n].tolist() == ref.attn.seq_lens.tolist()
-    tab = h[_FIELDS * b:].reshape(b, width)
+    assert h[s:s + n].tolist() == ref.positions.tolist()
+    assert h[2 * s:2 * s + n].tolist() == ref.attn.slot_mapping.tolist()
+    assert h[3 * s:3 * s + n].tolist() == ref.attn.seq_lens.tolist()
+    tab = h[_FIELDS * s:].reshape(b, width)
     assert tab[:n, :ref.attn.block_tables.shape[1]].tolist() == ref.attn.block_tables.tolist()
     assert (tab[:n, ref.attn.block_tables.shape[1]:] == 0).all()
     # padding rows: token 0 at position 0 into slot 0 (the null block), one token of context
     for f, want in enumerate([0, 0, 0, 1]):
-        assert (h[f * b + n:(f + 1) * b] == want).all()
+        assert (h[f * s + n:f * s + b] == want).all()
     assert (tab[n:] == 0).all()
 
 

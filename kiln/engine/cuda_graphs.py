@@ -8,7 +8,7 @@ block's slot 0 (block 0 is never handed out, see BlockPool) over a context of on
 are finite, cheap and invisible.
 
 Inputs live in one device buffer, refilled each step by one host-to-device copy from one pinned
-staging buffer, laid out per bucket B as int32
+staging buffer, laid out per bucket B as int32 (`layout`; each field padded to 16 bytes)
     [token ids (B) | positions (B) | cache slots (B) | context lengths (B) | block tables (B x W)]
 with W = the profile's blocks per sequence, the full table width, so that any context up to
 max_seq_len fits every captured graph. The attention kernel splits each sequence's context by its
@@ -30,6 +30,13 @@ from kiln.model.attention import AttentionMetadata, attention_context
 from kiln.model.llama import LlamaModel
 
 _FIELDS = 4  # ids, positions, slots, lengths
+_ALIGN = 4  # int32s: every field starts 16 bytes aligned (Triton specializes kernels on pointer alignment)
+
+
+def layout(b: int, width: int) -> tuple[int, int]:
+    """(field stride, total int32s) of bucket b's inputs: field f at f * stride, tables after."""
+    stride = -(-b // _ALIGN) * _ALIGN
+    return stride, _FIELDS * stride + b * width
 
 
 def fill_inputs(h: np.ndarray, b: int, width: int, block_size: int, token_ids: Sequence[int],
@@ -38,17 +45,18 @@ def fill_inputs(h: np.ndarray, b: int, width: int, block_size: int, token_ids: S
     (module docstring); rows [n, b) become padding: token 0 at position 0, slot 0 of the null
     block, context length 1, an all-null block table."""
     n = len(token_ids)
+    s, size = layout(b, width)
     pos = np.asarray(positions, dtype=np.int64)
-    tab = h[_FIELDS * b:_FIELDS * b + b * width].reshape(b, width)
+    tab = h[_FIELDS * s:size].reshape(b, width)
     tab[:] = 0
     for i, blocks in enumerate(block_tables):
         tab[i, :len(blocks)] = blocks
     h[:n] = token_ids
-    h[b:b + n] = pos
-    h[2 * b:2 * b + n] = tab[np.arange(n), pos // block_size] * block_size + pos % block_size
-    h[3 * b:3 * b + n] = pos + 1
+    h[s:s + n] = pos
+    h[2 * s:2 * s + n] = tab[np.arange(n), pos // block_size] * block_size + pos % block_size
+    h[3 * s:3 * s + n] = pos + 1
     for f in range(_FIELDS):
-        h[f * b + n:(f + 1) * b] = 1 if f == 3 else 0
+        h[f * s + n:f * s + b] = 1 if f == 3 else 0
 
 
 class DecodeGraphs:
@@ -62,7 +70,7 @@ class DecodeGraphs:
         self.width = table_width
         self.block_size = block_size
         device = kv_caches.device
-        n = self.max_batch * (_FIELDS + table_width)
+        n = layout(self.max_batch, table_width)[1]
         self._host = torch.zeros(n, dtype=torch.int32, pin_memory=True)
         self._host_np = self._host.numpy()
         self._dev = torch.zeros(n, dtype=torch.int32, device=device)
@@ -71,8 +79,9 @@ class DecodeGraphs:
 
     def _views(self, b: int) -> tuple[torch.Tensor, ...]:
         d = self._dev
-        ids, pos, slots, lens = (d[i * b:(i + 1) * b] for i in range(_FIELDS))
-        tables = d[_FIELDS * b:_FIELDS * b + b * self.width].view(b, self.width)
+        s, size = layout(b, self.width)
+        ids, pos, slots, lens = (d[i * s:i * s + b] for i in range(_FIELDS))
+        tables = d[_FIELDS * s:size].view(b, self.width)
         return ids, pos, slots, lens, tables
 
     def _forward(self, b: int) -> torch.Tensor:
@@ -94,7 +103,8 @@ class DecodeGraphs:
         with torch.cuda.stream(stream):
             for b in reversed(self.batch_sizes):
                 fill_inputs(self._host_np, b, self.width, self.block_size, [], [], [])
-                self._dev[:b * (_FIELDS + self.width)].copy_(self._host[:b * (_FIELDS + self.width)])
+                size = layout(b, self.width)[1]
+                self._dev[:size].copy_(self._host[:size])
                 self._forward(b)  # compiles the Triton kernels, warms cuBLAS for these shapes
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
@@ -121,7 +131,7 @@ class DecodeGraphs:
         n = len(token_ids)
         b = self.bucket(n)
         fill_inputs(self._host_np, b, self.width, self.block_size, token_ids, positions, block_tables)
-        size = b * (_FIELDS + self.width)
+        size = layout(b, self.width)[1]
         self._dev[:size].copy_(self._host[:size], non_blocking=True)
         graph, logits = self._graphs[b]
         graph.replay()

@@ -47,7 +47,7 @@ class HostStaging:
     def upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         if self.device.type == "cpu":
             return [torch.from_numpy(a) for a in arrays]
-        total = sum(a.size for a in arrays)
+        total = sum(-(-a.size // 2) * 2 for a in arrays)
         if self._copied is not None:
             self._copied.synchronize()
         if self._buf is None or self._buf.numel() < total:
@@ -57,8 +57,9 @@ class HostStaging:
         offsets = [0]
         for a in arrays:
             host[offsets[-1]:offsets[-1] + a.size] = a.ravel()
-            offsets.append(offsets[-1] + a.size)
-        dev = self._buf[:total].to(self.device, non_blocking=True)
+            # each array 16-byte aligned: Triton specializes (and compiles) kernels per pointer alignment
+            offsets.append(offsets[-1] + -(-a.size // 2) * 2)
+        dev = self._buf[:offsets[-1]].to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
             self._copied.record()

@@ -263,3 +263,24 @@ def test_bf16_logits_and_input_not_modified():
     assert torch.equal(logits, before)
     out = sample(rows, logits.to(torch.bfloat16))
     assert out.token_ids.shape == (2,)
+
+
+def test_plain_greedy_only_when_the_argmax_is_the_whole_answer():
+    """The CUDA-graph decode takes its tokens from the graph's argmax when `plain_greedy` says so:
+    it must refuse every row that needs the sampler (sampling, logprobs, penalties, suppression)."""
+    from kiln.engine.sampling_metadata import plain_greedy
+
+    def req(**kw):
+        r = Request("r", [1, 2, 3], SamplingParams(max_tokens=8, **kw))
+        r.eos_token_ids = (2,)
+        return r
+
+    assert plain_greedy([req(temperature=0.0), req(top_k=1)], 50)
+    assert not plain_greedy([req(temperature=0.0), req(temperature=0.7)], 50)
+    assert not plain_greedy([req(temperature=0.0, logprobs=0)], 50)
+    assert not plain_greedy([req(temperature=0.0, repetition_penalty=1.2)], 50)
+    assert not plain_greedy([req(temperature=0.0, presence_penalty=0.5)], 50)
+    early = req(temperature=0.0, min_tokens=2)
+    assert not plain_greedy([early], 50)  # EOS is suppressed for its first 2 tokens
+    early.output_token_ids.extend([5, 6])
+    assert plain_greedy([early], 50)

@@ -14,8 +14,10 @@ with W = the profile's blocks per sequence, the full table width, so that any co
 max_seq_len fits every captured graph. The attention kernel splits each sequence's context by its
 real length (kiln.kernels.paged_decode), so the wide table costs nothing.
 
-The sampler runs outside the graph on the replay's logits: its work depends on the requests'
-sampling parameters, and it is cheap next to the forward pass.
+The graph ends with the logits' argmax: a step whose rows are all plain greedy (no logprobs, no
+penalties, nothing suppressed) takes its tokens from there, with no sampler launch at all. Other
+steps run the sampler outside the graph on the replay's logits: its work depends on the requests'
+sampling parameters.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class DecodeGraphs:
         self._host = torch.zeros(n, dtype=torch.int32, pin_memory=True)
         self._host_np = self._host.numpy()
         self._dev = torch.zeros(n, dtype=torch.int32, device=device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
     def _views(self, b: int) -> tuple[torch.Tensor, ...]:
@@ -84,14 +86,15 @@ class DecodeGraphs:
         tables = d[_FIELDS * s:size].view(b, self.width)
         return ids, pos, slots, lens, tables
 
-    def _forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids, pos, slots, lens, tables = self._views(b)
         meta = AttentionMetadata(slot_mapping=slots, block_tables=tables, seq_lens=lens,
                                  query_pos=None, query_index=None, max_q=1,
                                  max_kv=self.width * self.block_size)
         with attention_context(meta):
             hidden = self.model(ids, pos, self.rope_table, self.kv_caches)
-        return self.model.compute_logits(hidden)
+        logits = self.model.compute_logits(hidden)
+        return logits, logits.argmax(dim=-1)  # the greedy tokens, for steps that need nothing else
 
     @torch.inference_mode()
     def capture(self) -> float:
@@ -108,9 +111,9 @@ class DecodeGraphs:
                 self._forward(b)  # compiles the Triton kernels, warms cuBLAS for these shapes
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits = self._forward(b)
+                    logits, greedy = self._forward(b)
                 pool = graph.pool()
-                self._graphs[b] = (graph, logits)
+                self._graphs[b] = (graph, logits, greedy)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
@@ -123,16 +126,16 @@ class DecodeGraphs:
         return None
 
     def run(self, token_ids: Sequence[int], positions: Sequence[int],
-            block_tables: Sequence[Sequence[int]]) -> torch.Tensor:
+            block_tables: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of n = len(token_ids) sequences (n <= max_batch); each block table
-        covers position + 1 tokens. Returns the logits [n, vocab] (float32), valid until the next
-        replay. The staging buffer is reused, so the caller must have waited for the previous
+        covers position + 1 tokens. Returns the logits [n, vocab] (float32) and their argmax [n],
+        valid until the next replay. The staging buffer is reused, so the caller must have waited for the previous
         step (the model runner does: it reads each step's sampled tokens)."""
         n = len(token_ids)
         b = self.bucket(n)
         fill_inputs(self._host_np, b, self.width, self.block_size, token_ids, positions, block_tables)
         size = layout(b, self.width)[1]
         self._dev[:size].copy_(self._host[:size], non_blocking=True)
-        graph, logits = self._graphs[b]
+        graph, logits, greedy = self._graphs[b]
         graph.replay()
-        return logits[:n]
+        return logits[:n], greedy[:n]

@@ -14,7 +14,7 @@ from kiln.engine.cuda_graphs import DecodeGraphs
 from kiln.engine.input_batch import ChunkSpec, HostStaging, prepare_inputs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler
-from kiln.engine.sampling_metadata import SamplingMetadata
+from kiln.engine.sampling_metadata import SamplingMetadata, plain_greedy
 from kiln.engine.scheduler_output import SchedulerOutput
 from kiln.engine_dir import EngineManifest, load_weights
 from kiln.errors import EngineLoadError
@@ -134,9 +134,9 @@ class ModelRunner:
             )
         return int(blocks)
 
-    def _graph_step(self, out: SchedulerOutput) -> torch.Tensor | None:
-        """Logits of a pure decode step (one sampled token per sequence) from a CUDA graph
-        replay; None when the step is not one or no graph fits it."""
+    def _graph_step(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(logits, their argmax) of a pure decode step (one sampled token per sequence) from a
+        CUDA graph replay; None when the step is not one or no graph fits it."""
         chunks = out.chunks
         if self.graphs is None or len(chunks) > self.graphs.max_batch:
             return None
@@ -159,18 +159,24 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        logits = self._graph_step(out)
-        if logits is None:
+        graphed = self._graph_step(out)
+        greedy = None
+        if graphed is not None:
+            logits, greedy = graphed
+        else:
             logits = self._eager_step(out)
         reqs = [c.request for c in out.chunks if c.samples]
         if not reqs:
             return RunnerOutput([], [])
         if self.capture_logits:
             self.last_logits = logits.clone()
-        meta = SamplingMetadata.build(reqs, logits.shape[-1], self.device)
-        sampled = self.sampler(logits, meta)
+        if greedy is not None and plain_greedy(reqs, logits.shape[-1]):
+            sampled_ids = greedy  # computed inside the graph
+        else:
+            sampled = self.sampler(logits, SamplingMetadata.build(reqs, logits.shape[-1], self.device))
+            sampled_ids = sampled.token_ids
         self.sync_start = time.perf_counter()
-        token_ids = sampled.token_ids.tolist()  # the step's one host synchronization
+        token_ids = sampled_ids.tolist()  # the step's one host synchronization
         self.sync_end = time.perf_counter()
         logprobs: list[TokenLogprobs | None] = [None] * len(reqs)
         if any(r.params.logprobs is not None for r in reqs):

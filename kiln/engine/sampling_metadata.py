@@ -92,6 +92,18 @@ class _StaticRow:
         )
 
 
+def plain_greedy(rows: list[Request], vocab_size: int) -> bool:
+    """Whether every row just takes the argmax of its raw logits this step: greedy, no logprobs,
+    no penalties, no token suppressed (min_tokens)."""
+    for req in rows:
+        row = req.sampling_row
+        if row is None or row.vocab_size != vocab_size:
+            row = req.sampling_row = _StaticRow.of(req, vocab_size)
+        if not row.greedy or row.nlp >= 0 or row.penalties or (row.suppress and req.num_output_tokens < row.min_tokens):
+            return False
+    return True
+
+
 @dataclass
 class SamplingMetadata:
     """Batch sampling state. Tensors are [B] unless noted; all live on ``device``."""

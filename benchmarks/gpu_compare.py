@@ -30,24 +30,11 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_7b_baseline import copy_bandwidth  # noqa: E402
+
 BUILD = ["--dummy", "llama-2-7b", "--dtype", "float16", "--device", "cuda", "--max-batch-size", "256",
          "--max-num-tokens", "8192", "--no-progress"]
-
-
-def copy_bandwidth() -> float:
-    x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    torch.cuda.synchronize()
-    dt = (time.perf_counter() - t0) / 10
-    del x, y
-    torch.cuda.empty_cache()
-    return 2 * (2 << 30) / dt  # read + write bytes per second
 
 
 def environment() -> dict:
@@ -64,10 +51,25 @@ def environment() -> dict:
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat()}
 
 
+def _profiled_step(llm, activities) -> tuple:
+    """Profile one engine step (until the GPU is done), then finish what is still running.
+    Returns (profiler, wall seconds of the step)."""
+    from torch.profiler import profile
+
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        llm.core.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    for _ in llm.stream():
+        pass
+    return prof, wall
+
+
 def profile_decode_step(llm, batch: int, context: int) -> dict:
     """One decode step of `batch` sequences at about `context` tokens, under torch.profiler."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     from kiln.bench.offline import _params, random_prompts
 
@@ -78,13 +80,7 @@ def profile_decode_step(llm, batch: int, context: int) -> dict:
         core.step()  # prefills
     core.step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        core.step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    for _ in llm.stream():
-        pass
+    prof, wall = _profiled_step(llm, [ProfilerActivity.CPU, ProfilerActivity.CUDA])
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     by_name: dict[str, list[float]] = {}
     for e in kernels:
@@ -112,20 +108,14 @@ def profile_decode_step(llm, batch: int, context: int) -> dict:
 
 def profile_prefill_host(llm, prompt_len: int) -> dict:
     """Where the host's time goes in one batch-1 prefill step (eager: no graph for prefills)."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     from kiln.bench.offline import _params, random_prompts
 
     core = llm.core
     llm.add_request(random_prompts(core.manifest.model.vocab_size, 1, prompt_len, 777)[0], _params(1),
                     request_id="prof-prefill")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        core.step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    for _ in llm.stream():
-        pass
+    prof, wall = _profiled_step(llm, [ProfilerActivity.CPU])
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     return {"wall_ms": round(wall * 1e3, 3),
             "top_self_cpu": [{"name": e.key[:70], "ms": round(e.self_cpu_time_total / 1e3, 3), "count": e.count}

@@ -76,7 +76,7 @@ class EngineCore:
         t1 = time.perf_counter()
         runner = self.runner
         runner.sync_start = runner.sync_end = 0.0
-        result = self.runner.execute(out)
+        result = runner.execute(out)
         t2 = time.perf_counter()
         finished = {r.request_id for r in self.scheduler.update(out, result.token_ids)}
         t3 = time.perf_counter()

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.paged_tile import dot, load_tile, online_softmax_step, tile_slots
+
 
 @triton.jit
 def _decode_split_kernel(
@@ -60,28 +62,11 @@ def _decode_split_kernel(
     for t0 in range(first, last, TILE):
         pos = t0 + tok
         ok = pos < last
-        bid = tl.load(BT + b * stride_btb + pos // BS, mask=ok, other=0).to(tl.int64)
-        slot = pos % BS
-        kv_mask = ok[:, None] & d_ok[None, :]
-        k = tl.load(K + bid[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_G, TILE]
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m_i - m_new)
-        v = tl.load(V + bid[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        bid, slot = tile_slots(BT, b, stride_btb, pos, ok, BS)
+        k = load_tile(K, bid, slot, ok, kvh, d, d_ok, stride_kb, stride_ks, stride_kh)
+        s = tl.where(ok[None, :], dot(q, tl.trans(k), IEEE), float("-inf"))  # [BLOCK_G, TILE]
+        v = load_tile(V, bid, slot, ok, kvh, d, d_ok, stride_vb, stride_vs, stride_vh)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE)
     tl.store(ACC + b * stride_ab + heads[:, None] * stride_ah + split * stride_as + d[None, :], acc,
              mask=g_ok[:, None] & d_ok[None, :])
     ml = ML + b * stride_mb + heads * stride_mh + split * stride_ms

@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.paged_tile import dot, load_tile, online_softmax_step, tile_slots
 from kiln.kernels.prefill_tiles import BLOCK_M
 
 
@@ -59,33 +60,15 @@ def _prefill_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         pos = n0 + tok
         ok = pos < hi
-        bid = tl.load(BT + b * stride_btb + pos // BS, mask=ok, other=0).to(tl.int64)
-        slot = pos % BS
-        kv_mask = ok[:, None] & d_ok[None, :]
-        k = tl.load(K + bid[:, None] * stride_kb + slot[:, None] * stride_ks + kvh * stride_kh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            s = tl.dot(q, tl.trans(k))
-        s = s * scale
+        bid, slot = tile_slots(BT, b, stride_btb, pos, ok, BS)
+        k = load_tile(K, bid, slot, ok, kvh, d, d_ok, stride_kb, stride_ks, stride_kh)
+        s = dot(q, tl.trans(k), IEEE) * scale
         allowed = ok[None, :] & (pos[None, :] <= qpos[:, None])
         if HAS_WINDOW:
             allowed = allowed & (qpos[:, None] - pos[None, :] < window)
         s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        v = tl.load(V + bid[:, None] * stride_vb + slot[:, None] * stride_vs + kvh * stride_vh + d[None, :],
-                    mask=kv_mask, other=0.0)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        v = load_tile(V, bid, slot, ok, kvh, d, d_ok, stride_vb, stride_vs, stride_vh)
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past q_len (never stored)
     out = acc / l_i[:, None]
     tl.store(O + rows[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),

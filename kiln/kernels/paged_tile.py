@@ -1,0 +1,40 @@
+"""Pieces both paged-attention kernels inline (`@triton.jit` helpers): reading a tile of K or V
+through a block table, a dot on tensor cores (IEEE float32 when the cache is float32), and one
+step of the online softmax."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def tile_slots(BT, b, stride_btb, pos, ok, BS: tl.constexpr):
+    """(cache block, offset in it) of positions `pos` (masked by `ok`) of sequence b."""
+    return tl.load(BT + b * stride_btb + pos // BS, mask=ok, other=0).to(tl.int64), pos % BS
+
+
+@triton.jit
+def load_tile(Cache, bid, slot, ok, kvh, d, d_ok, stride_b, stride_s, stride_h):
+    """Keys or values of kv head `kvh` at those slots: [len(slot), D], 0 where not `ok`."""
+    return tl.load(Cache + bid[:, None] * stride_b + slot[:, None] * stride_s + kvh * stride_h + d[None, :],
+                   mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, IEEE: tl.constexpr):
+    """Fold scores s [M, N] (-inf where not allowed) and values v [N, D] into the running max m_i,
+    sum l_i and weighted values acc (all float32); returns the new (m_i, l_i, acc)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no allowed key yet
+    p = tl.exp(s - m_safe[:, None])
+    alpha = tl.exp(m_i - m_safe)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, IEEE)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc

@@ -43,7 +43,8 @@ def test_engine_contents_and_manifest(tiny_hf_dir, tiny_engine):
     assert tok["chat_template"] == template and "<|im_start|>" in template
     assert tok["eos_token_ids"] == [2, 0]  # config eos 2, tokenizer eos 2, generation_config [2, 0]
     w = tiny_engine / "weights.safetensors"
-    assert m["weights"] == [{"file": "weights.safetensors", "sha256": sha(w), "bytes": w.stat().st_size}]
+    assert m["weights"] == [{"file": "weights.safetensors", "sha256": sha(w), "bytes": w.stat().st_size,
+                             "sha256_parts": {"part_bytes": 1 << 30, "digests": [sha(w)]}}]
     assert m["source"]["kind"] == "hf" and m["source"]["path"] == str(tiny_hf_dir)
     files = m["source"]["files"]
     assert files["model.safetensors"] == sha(tiny_hf_dir / "model.safetensors")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +21,7 @@ from kiln.engine_dir import (
     load_weights,
     read_manifest,
     read_safetensors_header,
+    WeightHasher,
     verify_weights,
 )
 from kiln.errors import EngineLoadError
@@ -120,11 +122,41 @@ def test_flipped_byte_caught(engine):
     with pytest.raises(EngineLoadError) as e:
         verify_weights(m)
     msg = str(e.value)
-    assert msg.startswith(f"weights.safetensors: sha256 mismatch (expected {expected[:12]}…, got ")
+    assert msg.startswith(f"weights.safetensors: sha256 mismatch in part 0 (bytes 0..; expected {expected[:12]}…, got ")
     assert msg.endswith("); the engine is corrupt, rebuild it") and "\n" not in msg
     w.write_bytes(bytes(data[:-4]))
     with pytest.raises(EngineLoadError, match="size mismatch"):
         verify_weights(m)
+
+
+def test_weights_checked_in_parallel_parts(engine):
+    """sha256_parts: each part is hashed on its own thread; a flipped byte names its part, and an
+    engine whose manifest predates the parts is checked against the whole-file hash."""
+    w = engine / "weights.safetensors"
+    data = w.read_bytes()
+    part = 4096
+    hasher = WeightHasher(part)
+    hasher.update(data)
+    entry = hasher.manifest_entry("weights.safetensors", len(data))
+    assert len(entry["sha256_parts"]["digests"]) == -(-len(data) // part) >= 3
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    assert entry["sha256_parts"]["digests"][1] == hashlib.sha256(data[part:2 * part]).hexdigest()
+    edit_manifest(engine, weights=[entry])
+    verify_weights(read_manifest(engine), use_cache=False)
+    bad = bytearray(data)
+    bad[2 * part + 7] ^= 0x80
+    w.write_bytes(bytes(bad))
+    with pytest.raises(EngineLoadError, match=r"sha256 mismatch in part 2 \(bytes 8192\.\."):
+        verify_weights(read_manifest(engine), use_cache=False)
+    legacy = {k: v for k, v in entry.items() if k != "sha256_parts"}
+    edit_manifest(engine, weights=[legacy])
+    with pytest.raises(EngineLoadError, match=r"sha256 mismatch \(expected"):
+        verify_weights(read_manifest(engine), use_cache=False)
+    w.write_bytes(data)
+    verify_weights(read_manifest(engine), use_cache=False)
+    edit_manifest(engine, weights=[{**entry, "sha256_parts": {"part_bytes": part, "digests": ["x"]}}])
+    with pytest.raises(EngineLoadError, match="do not cover"):
+        verify_weights(read_manifest(engine), use_cache=False)
 
 
 def test_load_weights_is_a_memory_map(tiny_engine):
@@ -201,7 +233,7 @@ def test_verification_is_remembered_until_the_file_changes(tiny_engine, tmp_path
     m = read_manifest(engine)
     hashed = []
     real = ed.sha256_file
-    monkeypatch.setattr(ed, "sha256_file", lambda p: hashed.append(p) or real(p))
+    monkeypatch.setattr(ed, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
     verify_weights(m)
     verify_weights(m)
     assert len(hashed) == 1  # the second load trusted the record

@@ -94,3 +94,24 @@ def test_prefix_cache_hit_matches_transformers(family):
     seen = run_capturing(core, [second])
     assert second.num_cached_tokens == 2 * BLOCK
     assert check_against_hf(hf, seen, tol) == 17
+
+
+def test_small_batch_fused_path_matches_transformers(family, monkeypatch):
+    """Steps of at most 16 tokens take the fused small-batch path on a GPU (LlamaModel._forward_small:
+    kiln.kernels.gemv with norms, SiLU and residual adds folded in). On the CPU it is forced on here,
+    its kernels running in Triton's interpreter; the prefill (13 tokens) and every decode take it."""
+    import kiln.model.llama as llama
+
+    name, hf, engine, tol = family
+    if DEVICE == "cpu":
+        monkeypatch.setattr(llama, "use_kernels", lambda t: True)
+    calls = []
+    real = llama.LlamaModel._forward_small
+    monkeypatch.setattr(llama.LlamaModel, "_forward_small",
+                        lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a))
+    core = EngineCore(engine, EngineOptions(device=DEVICE, kv_cache_memory=8 << 20, cuda_graphs=False))
+    rng = random.Random(3)
+    reqs = [Request(f"s{i}", [rng.randrange(3, VOCAB) for _ in range(n)], greedy(9))
+            for i, n in enumerate([4, 9])]
+    assert check_against_hf(hf, run_capturing(core, reqs), tol) == 9 * len(reqs)
+    assert calls == [13] + [2] * 8

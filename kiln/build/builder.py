@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ from kiln.engine_dir import (
     ST_CODES,
     TOKENIZER_NAME,
     WEIGHTS_NAME,
+    WeightHasher,
     is_engine_dir,
     manifest_dict,
     write_manifest,
@@ -243,7 +243,7 @@ def _build_into(
 
     header = safetensors_header([(s.name, dtype, s.shape) for s in specs])
     weights_path = tmp / WEIGHTS_NAME
-    sha = hashlib.sha256()
+    sha = WeightHasher()
     from tqdm import tqdm
 
     bar = tqdm(specs, desc="building engine", unit="tensor", file=sys.stderr, disable=not progress)
@@ -271,7 +271,7 @@ def _build_into(
             "special_tokens": dict(tok_info.special_tokens),
             "eos_token_ids": list(tok_info.eos_token_ids),
         },
-        weights=[{"file": WEIGHTS_NAME, "sha256": sha.hexdigest(), "bytes": weights_path.stat().st_size}],
+        weights=[sha.manifest_entry(WEIGHTS_NAME, weights_path.stat().st_size)],
         source={"kind": src.kind, "path": str(src.path.absolute()), "files": src.file_hashes(),
                 **getattr(src, "description", {})},
         versions={"kiln": __version__, "torch": torch.__version__},

@@ -4,6 +4,9 @@ With a residual: s = x + residual (rounded to the model dtype, as the reference'
 the new residual stream, then y = weight * (s * rsqrt(mean(s^2) + eps)) normalized in float32 and
 scaled in the model dtype: the reference's numbers (kiln.model.layers.rms_norm_ref) and its
 roundings, for one read of each input and one write of each output instead of eight kernels.
+
+`embed_rows` is the embedding lookup of the small-batch path (kiln.kernels.gemv), which also
+writes each row's sum of squares for the first layer's fused norm.
 """
 
 from __future__ import annotations
@@ -47,3 +50,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         HAS_RES=residual is not None, BLOCK=block, num_warps=min(max(block // 256, 1), 8),
     )
     return y, s
+
+
+@triton.jit
+def _embed_rows_kernel(E, IDS, Y, SS, stride_e, stride_y, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    tok = tl.load(IDS + row).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(E + tok * stride_e + cols, mask=ok, other=0.0)
+    tl.store(Y + row * stride_y + cols, x, mask=ok)
+    xf = x.to(tl.float32)
+    tl.store(SS + row, tl.sum(xf * xf, axis=0))
+
+
+def embed_rows(table: torch.Tensor, ids: torch.Tensor, ss: torch.Tensor) -> torch.Tensor:
+    """table[ids] as a new [T, N] tensor, with each row's sum of squares (float32) written into
+    ss [T]: the embedding lookup that starts the small-batch path (kiln.kernels.gemv's NORM input)."""
+    t, n = ids.shape[0], table.shape[1]
+    y = torch.empty(t, n, dtype=table.dtype, device=table.device)
+    block = triton.next_power_of_2(n)
+    _embed_rows_kernel[(t,)](table, ids, y, ss, table.stride(0), y.stride(0), n, BLOCK=block,
+                             num_warps=min(max(block // 256, 1), 8))
+    return y

@@ -11,8 +11,12 @@ import torch
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.kernels import use_kernels
 from kiln.model.attention import current_metadata, paged_attention, rope_and_cache
 from kiln.model.layers import GatedMLP, RMSNorm
+
+SMALL_BATCH_ROWS = 16  # steps of at most this many tokens take the fused small-batch path on a GPU
+# (kiln.kernels.gemv.MAX_ROWS; measured faster than cuBLAS + separate norm/activation kernels)
 
 
 class Attention(nn.Module):
@@ -27,9 +31,14 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(self.attend(self.qkv_proj(x), cos_sin, kv_cache))
+
+    def attend(self, qkv: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+        """[T, qkv_size] projections -> [T, q_size] attention output (before o_proj); stores the
+        new keys and values in the cache."""
         cfg = self.cfg
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+        t = qkv.shape[0]
+        q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.reshape(t, cfg.num_heads, cfg.head_dim)
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -39,8 +48,7 @@ class Attention(nn.Module):
         meta = current_metadata()
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         q = rope_and_cache(q, k, v, cos_sin, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
-        return self.o_proj(out.reshape(t, cfg.q_size))
+        return paged_attention(q, k_cache, v_cache, meta, self.scale).reshape(t, cfg.q_size)
 
 
 class DecoderLayer(nn.Module):
@@ -63,6 +71,23 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attn_norm(h, residual)
         return self.mlp(h), residual
 
+    def forward_small(self, s: torch.Tensor, ss: torch.Tensor, cos_sin: torch.Tensor,
+                      kv_cache: torch.Tensor) -> None:
+        """The same layer for a few rows on the GPU, in six launches (kiln.kernels.gemv): `s` is the
+        residual stream, updated in place; ss [3, T] float32 holds the sums of squares of its rows
+        at this layer's input (filled), after attention and at the output (both accumulated here,
+        zero on entry)."""
+        from kiln.kernels.gemv import gemv
+
+        attn, mlp = self.attn, self.mlp
+        qkv = gemv(s, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=self.input_norm.weight,
+                   ss_in=ss[0], eps=self.input_norm.eps)
+        out = attn.attend(qkv, cos_sin, kv_cache)
+        gemv(out, attn.o_proj.weight, attn.o_proj.bias, residual=s, ss_out=ss[1])
+        act = gemv(s, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, glu=True,
+                   norm_weight=self.post_attn_norm.weight, ss_in=ss[1], eps=self.post_attn_norm.eps)
+        gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=s, ss_out=ss[2])
+
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -83,13 +108,33 @@ class LlamaModel(nn.Module):
 
         Returns the final hidden states [T, hidden], after the last norm.
         """
-        h, residual = self.embed_tokens(input_ids), None
         cos_sin = rope_table.index_select(0, positions)
+        if input_ids.shape[0] <= SMALL_BATCH_ROWS and use_kernels(rope_table):
+            return self._forward_small(input_ids, cos_sin, kv_caches)
+        h, residual = self.embed_tokens(input_ids), None
         for layer, kv in zip(self.layers, kv_caches):
             h, residual = layer(h, residual, cos_sin, kv)
         return self.norm(h, residual)[0]
 
+    def _forward_small(self, input_ids: torch.Tensor, cos_sin: torch.Tensor,
+                       kv_caches: torch.Tensor) -> torch.Tensor:
+        """A few tokens (decode at small batch): the residual stream and its rows' sums of squares
+        flow from one fused small-batch linear layer to the next (DecoderLayer.forward_small)."""
+        from kiln.kernels.norm import embed_rows, rms_norm
+
+        n = len(self.layers)
+        ss = torch.zeros(2 * n + 1, input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
+        s = embed_rows(self.embed_tokens.weight, input_ids, ss[0])
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_caches)):
+            layer.forward_small(s, ss[2 * i:2 * i + 3], cos_sin, kv)
+        return rms_norm(s, self.norm.weight, self.norm.eps)[0]
+
     def compute_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in float32 for the selected final hidden states [N, hidden]."""
         weight = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        if h.shape[0] <= SMALL_BATCH_ROWS and use_kernels(h):
+            from kiln.kernels.gemv import gemv
+
+            out = torch.empty(h.shape[0], weight.shape[0], dtype=torch.float32, device=h.device)
+            return gemv(h, weight, out=out)  # rounded through the model dtype, as below
         return torch.nn.functional.linear(h, weight).float()

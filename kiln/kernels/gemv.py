@@ -1,0 +1,191 @@
+"""Small-batch linear layers (a few rows against a large weight) with the ops around them fused in.
+
+At decode batch sizes a linear layer is a pass over its weight: y[M, N] = x[M, K] @ W[N, K]^T for
+M <= 16 reads N*K weights and only M*K activations. This kernel streams W once, tile by tile
+(program p owns output columns [p*BLOCK_N, (p+1)*BLOCK_N)), and folds into that pass the small ops
+that would otherwise each be a kernel launch of their own:
+
+- NORM (prologue): x is the residual stream; each row is RMS-normalized on the fly with the row's
+  sum of squares, which the kernel that last wrote the stream accumulated (SS_IN), then scaled by
+  the norm weight: the roundings of kiln.model.layers.rms_norm_ref.
+- GLU (epilogue): the weight is the fused gate|up projection [2I, K]; program p also streams the
+  up rows that match its gate rows and writes silu(gate) * up [M, I], rounded as
+  kiln.model.layers.silu_mul_ref rounds: the MLP's activation never makes a round trip to memory.
+- bias (epilogue).
+- RESIDUAL (epilogue): the output is added into the residual stream R in place (each program owns
+  its columns) and the squares of the new stream are accumulated into SS_OUT (one float32 atomic add
+  per row and program) for the next NORM consumer. SS_OUT must be zeroed before the first producer.
+
+The torch reference is `gemv_ref`; the model's small-batch decode path (kiln.model.llama) chains
+these calls so that a decoder layer is six launches: qkv, rope + cache write, attention, o_proj,
+gate_up + silu, down.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.paged_tile import dot
+
+MAX_ROWS = 16  # tl.dot needs 16 rows: 2..16 rows are padded to 16 (masked, never stored); one row
+# takes an FMA path instead (BLOCK_M = 1), which skips the padding's prologue work.
+
+
+@triton.jit(do_not_specialize=["M"])  # one compiled variant for 2..16 rows
+def _gemv_kernel(
+    X, W, Bias, NW, SS_IN, R, SS_OUT, Y,
+    M, N, K, stride_xm, stride_rm, stride_ym, eps,
+    NORM: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rm = tl.arange(0, BLOCK_M)
+    m_ok = rm < M
+    dt = W.dtype.element_ty
+    if NORM:
+        rstd = tl.rsqrt(tl.load(SS_IN + rm, mask=m_ok, other=0.0) / K + eps)
+    if BLOCK_M == 1:  # one row: products on the FMA units, one reduction at the end
+        acc_w = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        if GLU:
+            acc_wu = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    else:  # tensor cores
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if GLU:
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    w_ptr = W + rn.to(tl.int64)[:, None] * K
+    x_ptr = X + rm[:, None] * stride_xm
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        w_mask = n_ok[:, None]
+        x_mask = m_ok[:, None]
+        if not EVEN_K:
+            w_mask = w_mask & (rk < K)[None, :]
+            x_mask = x_mask & (rk < K)[None, :]
+        w = tl.load(w_ptr + rk[None, :], mask=w_mask, other=0.0)
+        if GLU:
+            wu = tl.load(w_ptr + N * K + rk[None, :], mask=w_mask, other=0.0)
+        x = tl.load(x_ptr + rk[None, :], mask=x_mask, other=0.0)
+        if NORM:
+            nw = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
+            x = (x.to(tl.float32) * rstd[:, None]).to(dt)
+            x = (x.to(tl.float32) * nw[None, :]).to(dt)
+        if BLOCK_M == 1:
+            xf = x.to(tl.float32)
+            acc_w += w.to(tl.float32) * xf
+            if GLU:
+                acc_wu += wu.to(tl.float32) * xf
+        else:
+            acc += dot(x, tl.trans(w), IEEE)
+            if GLU:
+                acc_u += dot(x, tl.trans(wu), IEEE)
+    if BLOCK_M == 1:
+        acc = tl.sum(acc_w, axis=1)[None, :]
+        if GLU:
+            acc_u = tl.sum(acc_wu, axis=1)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        if GLU:
+            acc_u += tl.load(Bias + N + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(dt)
+    if GLU:  # silu(gate) rounded to the model dtype, then times up: silu_mul_ref's roundings
+        g = out.to(tl.float32)
+        a = (g / (1.0 + tl.exp(-g))).to(dt)
+        out = (a.to(tl.float32) * acc_u.to(dt).to(tl.float32)).to(dt)
+    ok = m_ok[:, None] & n_ok[None, :]
+    if RESIDUAL:
+        r_ptr = R + rm[:, None] * stride_rm + rn[None, :]
+        s = (tl.load(r_ptr, mask=ok, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dt)
+        tl.store(r_ptr, s, mask=ok)
+        sf = tl.where(ok, s.to(tl.float32), 0.0)
+        tl.atomic_add(SS_OUT + rm, tl.sum(sf * sf, axis=1), mask=m_ok)
+    else:
+        tl.store(Y + rm[:, None] * stride_ym + rn[None, :], out.to(Y.dtype.element_ty), mask=ok)
+
+
+def _config(n: int, m: int, glu: bool, norm: bool, itemsize: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for m rows against n output columns,
+    chosen from the sweep of benchmarks/gpu_gemv.py on an H100 (Llama-2-7B shapes)."""
+    fma = m == 1 and norm  # one row to normalize: the FMA path skips 15 padding rows' prologue
+    if itemsize == 4:  # float32 (tests): small tiles, or shared memory runs out
+        return (1 if fma else MAX_ROWS), 16, 64, 4, 2
+    if fma:  # registers hold BLOCK_N x BLOCK_K float32 products per weight
+        return 1, 16, 256 if glu else 512, 4, 3
+    if glu:  # two weight tiles (gate and up) per step
+        return MAX_ROWS, 32, 128, 4, 3
+    if n <= 4096:
+        return MAX_ROWS, 32, 512, 4, 3
+    return MAX_ROWS, 64 if n >= 16384 else 32, 256, 4, 3
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+         norm_weight: torch.Tensor | None = None, ss_in: torch.Tensor | None = None, eps: float = 0.0,
+         glu: bool = False, residual: torch.Tensor | None = None, ss_out: torch.Tensor | None = None,
+         out: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None
+         ) -> torch.Tensor | None:
+    """y = f(x) @ weight^T (+ bias) for x [M <= 16, K] and a contiguous weight [N, K].
+
+    norm_weight (with ss_in [M] float32, the rows' sums of squares): f is the RMSNorm.
+    glu: weight is a fused gate|up [2I, K] (bias [2I]); y = silu(x @ gate^T) * (x @ up^T) [M, I].
+    residual [M, N] (with ss_out [M] float32): y is added into `residual` in place, the new rows'
+    sums of squares are added into `ss_out`, and None is returned. Otherwise y is returned (written
+    into `out` when given: [M, N], any float dtype)."""
+    m, k = x.shape
+    n = weight.shape[0] // (2 if glu else 1)
+    if m > MAX_ROWS:
+        raise ValueError(f"gemv takes at most {MAX_ROWS} rows, got {m}")
+    if not weight.is_contiguous() or x.stride(-1) != 1:
+        raise ValueError("gemv needs a contiguous weight and rows with a contiguous last dimension")
+    if weight.shape[1] != k:
+        raise ValueError(f"input width {k} does not match the weight's {weight.shape[1]} columns")
+    if (norm_weight is None) != (ss_in is None) or (residual is None) != (ss_out is None):
+        raise ValueError("norm_weight needs ss_in and residual needs ss_out")
+    y = None
+    if residual is None:
+        y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m, block_n, block_k, warps, stages = config or _config(n, m, glu, norm_weight is not None,
+                                                                  weight.element_size())
+    dummy = weight
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else dummy,
+        norm_weight if norm_weight is not None else dummy,
+        ss_in if ss_in is not None else dummy,
+        residual if residual is not None else dummy,
+        ss_out if ss_out is not None else dummy,
+        y if y is not None else dummy,
+        m, n, k, x.stride(0), residual.stride(0) if residual is not None else 0,
+        y.stride(0) if y is not None else 0, eps,
+        NORM=norm_weight is not None, GLU=glu, HAS_BIAS=bias is not None,
+        RESIDUAL=residual is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        IEEE=weight.dtype == torch.float32, num_warps=warps, num_stages=stages,
+    )
+    return y
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+             norm_weight: torch.Tensor | None = None, ss_in: torch.Tensor | None = None, eps: float = 0.0,
+             glu: bool = False, residual: torch.Tensor | None = None, ss_out: torch.Tensor | None = None,
+             out: torch.Tensor | None = None, config=None) -> torch.Tensor | None:
+    """The same contract in torch ops (kiln.model.layers' references), for tests."""
+    from kiln.model.layers import silu_mul_ref
+
+    dtype = weight.dtype
+    if norm_weight is not None:
+        rstd = torch.rsqrt(ss_in / x.shape[1] + eps)
+        x = norm_weight * (x.float() * rstd[:, None]).to(dtype)
+    y = torch.nn.functional.linear(x, weight, bias)
+    if glu:
+        y = silu_mul_ref(y)
+    if residual is not None:
+        residual.copy_(residual + y)
+        ss_out.add_(residual.float().pow(2).sum(-1))
+        return None
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y

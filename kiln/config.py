@@ -201,6 +201,13 @@ class ShapeProfile:
         return tuple(sorted({b for b in (1, 2, 4, 8) if b < m} | set(range(16, m, 16)) | {m}))
 
     @property
+    def graph_prefill_tokens(self) -> tuple[int, ...]:
+        """Token buckets of single-sequence prefill graphs: 16, 32, ... up to max_num_tokens,
+        at most 2048 (a longer prompt is bound by its GEMMs, not by launching them)."""
+        top = min(self.max_num_tokens, 2048)
+        return tuple(t for t in (16, 32, 64, 128, 256, 512, 1024) if t < top) + (top,)
+
+    @property
     def max_blocks_per_seq(self) -> int:
         return math.ceil(self.max_seq_len / self.block_size)
 

@@ -1,9 +1,10 @@
-"""Decode steps replayed from CUDA graphs.
+"""Decode steps and single-sequence prefills replayed from CUDA graphs.
 
-On every machine: the graph's staging layout (token ids, positions, cache slots, lengths, block
-tables, padding rows) against the eager path's `prepare_inputs`, an independent construction of the
-same numbers. On a GPU, also: graph replay and eager give the same logits and the same greedy
-tokens, for batches that fill a bucket exactly and batches that are padded up to one.
+On every machine: the graphs' staging layouts (token ids, positions, cache slots, lengths, block
+tables, attention tiles, padding rows) against the eager path's `prepare_inputs`, an independent
+construction of the same numbers. On a GPU, also: graph replay and eager give the same logits and
+the same greedy tokens, for batches that fill a bucket exactly and batches that are padded up to
+one, for prompts alone in their step and for a prefix-cache hit's tail.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from kiln.engine.cuda_graphs import _FIELDS, fill_inputs, layout
+from kiln.engine.cuda_graphs import _FIELDS, fill_inputs, fill_prefill, layout, prefill_layout
 from kiln.engine.input_batch import ChunkSpec, prepare_inputs
+from kiln.kernels.prefill_tiles import BLOCK_M
 
 
 def test_fill_inputs_matches_prepare_inputs():
@@ -46,6 +48,36 @@ def test_fill_inputs_matches_prepare_inputs():
     assert (tab[n:] == 0).all()
 
 
+def test_fill_prefill_matches_prepare_inputs():
+    """A prompt chunk after 5 cached tokens, 70 new ones in the 128 bucket: the real rows match
+    prepare_inputs; padding rows write the null slot; padding tiles start past the queries."""
+    rng = random.Random(1)
+    bs, width, t, start, n = 8, 12, 128, 5, 70
+    table = rng.sample(range(1, 200), (start + n - 1) // bs + 1)
+    tokens = [rng.randrange(1, 50) for _ in range(n)]
+    f, size = prefill_layout(t, width)
+    assert all(o % 4 == 0 for o, _ in f.values())  # 16-byte aligned fields
+    h = np.full(size, -7, dtype=np.int32)
+    fill_prefill(h, t, width, bs, tokens, start, table)
+    ref = prepare_inputs([ChunkSpec(tokens, start, table)], bs, torch.device("cpu"))
+
+    def get(name):
+        o, k = f[name]
+        return h[o:o + k]
+
+    assert get("ids")[:n].tolist() == ref.input_ids.tolist() and (get("ids")[n:] == 0).all()
+    assert get("pos")[:n].tolist() == ref.positions.tolist() and (get("pos")[n:] == 0).all()
+    assert get("slots")[:n].tolist() == ref.attn.slot_mapping.tolist() and (get("slots")[n:] == 0).all()
+    assert get("len").tolist() == ref.attn.seq_lens.tolist() == [start + n]
+    assert get("qs").tolist() == ref.attn.query_start.tolist() == [0, n]
+    tiles = len(ref.attn.tile_seq)
+    assert get("tseq").tolist() == [0] * (t // BLOCK_M)
+    assert get("tstart")[:tiles].tolist() == ref.attn.tile_start.tolist()
+    assert (get("tstart")[tiles:] >= n).all()
+    assert get("row").tolist() == ref.logits_indices.tolist() == [n - 1]
+    assert get("table")[:len(table)].tolist() == table and (get("table")[len(table):] == 0).all()
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
@@ -65,17 +97,35 @@ def test_graph_replay_matches_eager(tmp_path, dtype):
     for graphs in (False, True):
         core = EngineCore(engine, EngineOptions(device="cuda", kv_cache_memory=16 << 20, cuda_graphs=graphs))
         assert (core.runner.graphs is not None) == graphs
+        replays = []
+        if graphs:
+            real = core.runner.prefill_graphs.run
+            core.runner.prefill_graphs.run = lambda *a: replays.append(len(a[0])) or real(*a)
         core.runner.capture_logits = True
         rng = random.Random(3)
         for i, n in enumerate([3, 9, 17, 30, 5, 12, 8, 20, 11, 7, 6]):  # 11 requests: buckets 16, 8...
             core.add_request(Request(f"r{i}", [rng.randrange(3, VOCAB) for _ in range(n)],
                                      SamplingParams(max_tokens=12 + i, temperature=0.0, ignore_eos=True)))
         logits, tokens = [], {}
-        while core.has_unfinished():
-            events = core.step()
-            logits.append(core.runner.last_logits.cpu())
-            for ev in events:
-                tokens.setdefault(ev.request.request_id, []).append(ev.token_id)
+
+        def drain():
+            while core.has_unfinished():
+                events = core.step()
+                logits.append(core.runner.last_logits.cpu())
+                for ev in events:
+                    tokens.setdefault(ev.request.request_id, []).append(ev.token_id)
+
+        drain()
+        # one request at a time: its prompt is a single-sequence prefill (a prefill graph), then
+        # the same prompt again plus new tokens (a prefix-cache hit: the graph computes the tail)
+        prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (5, 40, 16, 17)]
+        prompts.append(prompts[1] + [rng.randrange(3, VOCAB) for _ in range(6)])
+        for i, p in enumerate(prompts):
+            core.add_request(Request(f"s{i}", p, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)))
+            drain()
+        assert core.scheduler.stats()["prefix_hits"] >= 40 // 8 * 8
+        if graphs:  # every single-sequence prompt step replayed a prefill graph (the hit: its tail)
+            assert replays == [5, 40, 16, 17, 46 - 40 // 8 * 8]
         results[graphs] = (logits, tokens)
     (le, te), (lg, tg) = results[False], results[True]
     assert tg == te

@@ -89,3 +89,16 @@ def test_split_count():
     assert num_splits_for(batch=1, kv_heads=32, max_blocks=256) == 8
     assert num_splits_for(batch=256, kv_heads=8, max_blocks=256) == 1
     assert num_splits_for(batch=1, kv_heads=1, max_blocks=4) == 4
+
+
+def test_split_merge_leaves_its_arrival_counters_at_zero():
+    """The last split to arrive merges and resets its counter: a second launch (a CUDA-graph
+    replay reuses the same counters) sees zeros and gives the same output."""
+    from kiln.kernels.paged_decode import _arrival_counters
+
+    dtype = torch.float32 if DEVICE == "cpu" else torch.float16
+    q, kc, vc, bt, sl = (t.to(DEVICE) for t in make([70, 9, 33], 8, 2, 64, dtype, seed=3))
+    first = paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=4)
+    assert not _arrival_counters(q.device, 0).any()
+    again = paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=4)
+    assert torch.equal(first, again)

@@ -18,6 +18,11 @@ The graph ends with the logits' argmax: a step whose rows are all plain greedy (
 penalties, nothing suppressed) takes its tokens from there, with no sampler launch at all. Other
 steps run the sampler outside the graph on the replay's logits: its work depends on the requests'
 sampling parameters.
+
+`PrefillGraphs` does the same for a step that is one sequence's prompt (or prompt chunk, or the
+tail after a prefix-cache hit) of up to 2048 tokens: one graph per token bucket
+(ShapeProfile.graph_prefill_tokens), padded with null-slot tokens that no real token attends to.
+A short prompt's prefill is otherwise bound by launching ~300 kernels from Python, not by the GPU.
 """
 
 from __future__ import annotations
@@ -28,11 +33,56 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kiln.kernels.prefill_tiles import BLOCK_M as PREFILL_BLOCK_M
 from kiln.model.attention import AttentionMetadata, attention_context
 from kiln.model.llama import LlamaModel
 
 _FIELDS = 4  # ids, positions, slots, lengths
 _ALIGN = 4  # int32s: every field starts 16 bytes aligned (Triton specializes kernels on pointer alignment)
+
+
+def _pad(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _capture(buckets: Sequence[int], fill_empty, upload, forward, pool=None) -> tuple[dict, object]:
+    """Capture forward(bucket) for each bucket (largest first, in one memory pool) after one eager
+    warm-up run (Triton compiles, cuBLAS picks its kernels); returns ({bucket: outputs}, pool)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graphs = {}
+    with torch.cuda.stream(stream):
+        for b in sorted(buckets, reverse=True):
+            fill_empty(b)
+            upload(b)
+            forward(b)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                outputs = forward(b)
+            pool = graph.pool()
+            graphs[b] = (graph, *outputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graphs, pool
+
+
+class _Staging:
+    """One pinned host buffer and its device twin; a refill waits for the previous upload."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.host = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+        self.np = self.host.numpy()
+        self.dev = torch.zeros(n, dtype=torch.int32, device=device)
+        self._copied: torch.cuda.Event | None = None
+
+    def wait(self) -> None:
+        if self._copied is not None:
+            self._copied.synchronize()
+
+    def upload(self, n: int) -> None:
+        self.dev[:n].copy_(self.host[:n], non_blocking=True)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
 
 
 def layout(b: int, width: int) -> tuple[int, int]:
@@ -71,16 +121,12 @@ class DecodeGraphs:
         self.max_batch = self.batch_sizes[-1]
         self.width = table_width
         self.block_size = block_size
-        device = kv_caches.device
-        n = layout(self.max_batch, table_width)[1]
-        self._host = torch.zeros(n, dtype=torch.int32, pin_memory=True)
-        self._host_np = self._host.numpy()
-        self._dev = torch.zeros(n, dtype=torch.int32, device=device)
+        self._buf = _Staging(layout(self.max_batch, table_width)[1], kv_caches.device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.capture_seconds = 0.0
 
     def _views(self, b: int) -> tuple[torch.Tensor, ...]:
-        d = self._dev
+        d = self._buf.dev
         s, size = layout(b, self.width)
         ids, pos, slots, lens = (d[i * s:i * s + b] for i in range(_FIELDS))
         tables = d[_FIELDS * s:size].view(b, self.width)
@@ -97,25 +143,13 @@ class DecodeGraphs:
         return logits, logits.argmax(dim=-1)  # the greedy tokens, for steps that need nothing else
 
     @torch.inference_mode()
-    def capture(self) -> float:
-        """Capture every bucket's graph (largest first, all in one memory pool); returns seconds."""
+    def capture(self, pool=None) -> float:
+        """Capture every bucket's graph; returns seconds. `pool`: a memory pool to share."""
         t0 = time.perf_counter()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        pool = None
-        with torch.cuda.stream(stream):
-            for b in reversed(self.batch_sizes):
-                fill_inputs(self._host_np, b, self.width, self.block_size, [], [], [])
-                size = layout(b, self.width)[1]
-                self._dev[:size].copy_(self._host[:size])
-                self._forward(b)  # compiles the Triton kernels, warms cuBLAS for these shapes
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    logits, greedy = self._forward(b)
-                pool = graph.pool()
-                self._graphs[b] = (graph, logits, greedy)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        self._graphs, self.pool = _capture(
+            self.batch_sizes,
+            lambda b: fill_inputs(self._buf.np, b, self.width, self.block_size, [], [], []),
+            lambda b: self._buf.upload(layout(b, self.width)[1]), self._forward, pool)
         self.capture_seconds = time.perf_counter() - t0
         return self.capture_seconds
 
@@ -129,13 +163,112 @@ class DecodeGraphs:
             block_tables: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of n = len(token_ids) sequences (n <= max_batch); each block table
         covers position + 1 tokens. Returns the logits [n, vocab] (float32) and their argmax [n],
-        valid until the next replay. The staging buffer is reused, so the caller must have waited for the previous
-        step (the model runner does: it reads each step's sampled tokens)."""
+        valid until the next replay."""
         n = len(token_ids)
         b = self.bucket(n)
-        fill_inputs(self._host_np, b, self.width, self.block_size, token_ids, positions, block_tables)
-        size = layout(b, self.width)[1]
-        self._dev[:size].copy_(self._host[:size], non_blocking=True)
+        self._buf.wait()
+        fill_inputs(self._buf.np, b, self.width, self.block_size, token_ids, positions, block_tables)
+        self._buf.upload(layout(b, self.width)[1])
         graph, logits, greedy = self._graphs[b]
         graph.replay()
         return logits[:n], greedy[:n]
+
+
+def prefill_layout(t: int, width: int) -> tuple[dict[str, tuple[int, int]], int]:
+    """Bucket t's input fields {name: (offset, length)} in int32s, each 16-byte aligned, and the
+    total: token ids, positions, slots (t each); the context length; query starts [0, n]; the
+    attention tiles (sequence, first query: t / BLOCK_M each); the logits row; the block table."""
+    tiles = -(-t // PREFILL_BLOCK_M)
+    fields, off = {}, 0
+    for name, n in (("ids", t), ("pos", t), ("slots", t), ("len", 1), ("qs", 2), ("tseq", tiles),
+                    ("tstart", tiles), ("row", 1), ("table", width)):
+        fields[name] = (off, n)
+        off += _pad(n)
+    return fields, off
+
+
+def fill_prefill(h: np.ndarray, t: int, width: int, block_size: int, token_ids: Sequence[int],
+                 start: int, block_ids: Sequence[int]) -> None:
+    """Write one sequence's n <= t new tokens at positions start.. into bucket t's layout; rows
+    [n, t) are padding (token 0 at position 0 into the null block's slot 0, attended by nothing;
+    their tiles start past the sequence's queries, so they do no work)."""
+    f, _ = prefill_layout(t, width)
+    n = len(token_ids)
+
+    def put(name: str) -> np.ndarray:
+        o, k = f[name]
+        return h[o:o + k]
+
+    table = put("table")
+    table[:] = 0
+    table[:len(block_ids)] = block_ids
+    pos = np.arange(start, start + n, dtype=np.int64)
+    put("ids")[:n] = token_ids
+    put("pos")[:n] = pos
+    put("slots")[:n] = table[pos // block_size] * block_size + pos % block_size
+    for name in ("ids", "pos", "slots"):
+        put(name)[n:] = 0
+    put("len")[0] = start + n
+    put("qs")[:] = (0, n)
+    put("tseq")[:] = 0
+    put("tstart")[:] = np.arange(f["tstart"][1], dtype=np.int64) * PREFILL_BLOCK_M
+    put("row")[0] = max(n - 1, 0)
+
+
+class PrefillGraphs:
+    """Single-sequence prefill steps as graph replays, one per token bucket (module docstring)."""
+
+    def __init__(self, model: LlamaModel, rope_table: torch.Tensor, kv_caches: torch.Tensor,
+                 token_buckets: Sequence[int], table_width: int, block_size: int):
+        self.model = model
+        self.rope_table = rope_table
+        self.kv_caches = kv_caches
+        self.buckets = tuple(sorted(token_buckets))
+        self.max_tokens = self.buckets[-1]
+        self.width = table_width
+        self.block_size = block_size
+        self._buf = _Staging(prefill_layout(self.max_tokens, table_width)[1], kv_caches.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.capture_seconds = 0.0
+
+    def _forward(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        f, _ = prefill_layout(t, self.width)
+        d = self._buf.dev
+        v = {name: d[o:o + k] for name, (o, k) in f.items()}
+        meta = AttentionMetadata(slot_mapping=v["slots"], block_tables=v["table"].view(1, self.width),
+                                 seq_lens=v["len"], query_pos=None, query_index=None, max_q=t,
+                                 max_kv=self.width * self.block_size, query_start=v["qs"],
+                                 tile_seq=v["tseq"], tile_start=v["tstart"])
+        with attention_context(meta):
+            hidden = self.model(v["ids"], v["pos"], self.rope_table, self.kv_caches)
+        logits = self.model.compute_logits(hidden.index_select(0, v["row"]))
+        return logits, logits.argmax(dim=-1)
+
+    @torch.inference_mode()
+    def capture(self, pool=None) -> float:
+        t0 = time.perf_counter()
+        self._graphs, self.pool = _capture(
+            self.buckets,
+            lambda t: fill_prefill(self._buf.np, t, self.width, self.block_size, [0], 0, []),
+            lambda t: self._buf.upload(prefill_layout(t, self.width)[1]), self._forward, pool)
+        self.capture_seconds = time.perf_counter() - t0
+        return self.capture_seconds
+
+    def bucket(self, n: int) -> int | None:
+        for t in self.buckets:
+            if t >= n:
+                return t
+        return None
+
+    def run(self, token_ids: Sequence[int], start: int, block_ids: Sequence[int]
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Compute tokens [start, start + n) of one sequence (its earlier tokens' K/V are in the
+        cache; its block table covers start + n tokens). Returns the logits of its last token
+        [1, vocab] (float32) and their argmax [1], valid until the next replay."""
+        t = self.bucket(len(token_ids))
+        self._buf.wait()
+        fill_prefill(self._buf.np, t, self.width, self.block_size, token_ids, start, block_ids)
+        self._buf.upload(prefill_layout(t, self.width)[1])
+        graph, logits, greedy = self._graphs[t]
+        graph.replay()
+        return logits, greedy

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kiln.engine.cuda_graphs import DecodeGraphs
+from kiln.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from kiln.engine.input_batch import ChunkSpec, HostStaging, prepare_inputs
 from kiln.engine.request import Request
 from kiln.engine.sampler import Sampler
@@ -99,12 +99,16 @@ class ModelRunner:
         self.last_logits: torch.Tensor | None = None
         self.sync_start = self.sync_end = 0.0  # when the last step began and ended waiting for the GPU
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.graph_capture_seconds = 0.0
         if cuda_graphs and device.type == "cuda" and use_kernels(self.kv_caches) and cfg.sliding_window is None:
-            self.graphs = DecodeGraphs(self.model, self.rope_table, self.kv_caches,
-                                       self.profile.graph_batch_sizes, self.profile.max_blocks_per_seq,
-                                       self.block_size)
-            self.graph_capture_seconds = self.graphs.capture()
+            args = (self.model, self.rope_table, self.kv_caches)
+            width = self.profile.max_blocks_per_seq
+            self.graphs = DecodeGraphs(*args, self.profile.graph_batch_sizes, width, self.block_size)
+            self.prefill_graphs = PrefillGraphs(*args, self.profile.graph_prefill_tokens, width,
+                                                self.block_size)
+            self.graph_capture_seconds = (self.graphs.capture()
+                                          + self.prefill_graphs.capture(pool=self.graphs.pool))
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -135,10 +139,18 @@ class ModelRunner:
         return int(blocks)
 
     def _graph_step(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(logits, their argmax) of a pure decode step (one sampled token per sequence) from a
-        CUDA graph replay; None when the step is not one or no graph fits it."""
+        """(logits, their argmax) from a CUDA graph replay for a pure decode step (one sampled
+        token per sequence) or a step that is one sequence's prompt chunk; None when the step is
+        neither or no graph fits it."""
         chunks = out.chunks
-        if self.graphs is None or len(chunks) > self.graphs.max_batch:
+        if self.graphs is None:
+            return None
+        if len(chunks) == 1 and chunks[0].end - chunks[0].start > 1:
+            c = chunks[0]
+            if c.end - c.start > self.prefill_graphs.max_tokens:
+                return None
+            return self.prefill_graphs.run(_tokens(c.request, c.start, c.end), c.start, c.request.block_ids)
+        if len(chunks) > self.graphs.max_batch:
             return None
         for c in chunks:
             if c.end - c.start != 1 or not c.samples:

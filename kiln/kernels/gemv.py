@@ -114,7 +114,7 @@ def _config(n: int, m: int, glu: bool, norm: bool, itemsize: int) -> tuple[int, 
     if itemsize == 4:  # float32 (tests): small tiles, or shared memory runs out
         return (1 if fma else MAX_ROWS), 16, 64, 4, 2
     if fma:  # registers hold BLOCK_N x BLOCK_K float32 products per weight
-        return 1, 16, 256 if glu else 512, 4, 3
+        return (1, 8, 512, 4, 3) if glu else (1, 16, 256, 4, 3)
     if glu:  # two weight tiles (gate and up) per step
         return MAX_ROWS, 32, 128, 4, 3
     if n <= 4096:

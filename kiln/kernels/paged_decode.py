@@ -5,9 +5,10 @@ Program (b, kv_head, split) reads its share of sequence b's context from the pag
 the block table, TILE_TOKENS tokens (several blocks) at a time, once for all G = heads / kv_heads
 query heads that share the kv head: the scores and the weighted values are `tl.dot`s of the head
 group (padded to 16 rows) against the tile, on tensor cores. It keeps an online softmax (running
-max m, sum l, weighted values acc) in float32. A second kernel merges the
-splits. Splits let a batch-1 long-context decode use the whole GPU; with one split the merge is a
-rescale. Each sequence spreads its own context over the splits (computed on the device from its
+max m, sum l, weighted values acc) in float32. With one split the program writes the output
+itself; with several, each stores its partial (m, l, acc) and the last split of a (sequence, kv
+head) to arrive, counted by an atomic, merges them: one launch per layer either way. Splits let a
+batch-1 long-context decode use the whole GPU. Each sequence spreads its own context over the splits (computed on the device from its
 length), so no split idles on block-table padding. No host synchronization and fixed grid shapes for
 a given batch size, split count and table width, so the launch can be captured in a CUDA graph.
 
@@ -26,13 +27,14 @@ from kiln.kernels.paged_tile import dot, load_tile, online_softmax_step, tile_sl
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K, V, BT, SL, ACC, ML,
+    Q, K, V, BT, SL, ACC, ML, O, CNT,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_btb,
     stride_ab, stride_ah, stride_as,
     stride_mb, stride_mh, stride_ms,
+    stride_ob, stride_oh,
     scale, num_splits,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     TILE: tl.constexpr, IEEE: tl.constexpr,
@@ -46,8 +48,8 @@ def _decode_split_kernel(
     heads = kvh * G + g
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    gd_ok = g_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_ok, other=0.0)
     q = (q.to(tl.float32) * scale).to(K.dtype.element_ty)  # [BLOCK_G, BLOCK_D]: padded rows are 0
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -67,39 +69,51 @@ def _decode_split_kernel(
         s = tl.where(ok[None, :], dot(q, tl.trans(k), IEEE), float("-inf"))  # [BLOCK_G, TILE]
         v = load_tile(V, bid, slot, ok, kvh, d, d_ok, stride_vb, stride_vs, stride_vh)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE)
-    tl.store(ACC + b * stride_ab + heads[:, None] * stride_ah + split * stride_as + d[None, :], acc,
-             mask=g_ok[:, None] & d_ok[None, :])
-    ml = ML + b * stride_mb + heads * stride_mh + split * stride_ms
-    tl.store(ml, m_i, mask=g_ok)
-    tl.store(ml + 1, l_i, mask=g_ok)
+    o_ptr = O + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+    if num_splits == 1:
+        tl.store(o_ptr, (acc / tl.where(g_ok, l_i, 1.0)[:, None]).to(O.dtype.element_ty), mask=gd_ok)
+    else:
+        a_ptr = ACC + b * stride_ab + heads[:, None] * stride_ah + d[None, :]
+        m_ptr = ML + b * stride_mb + heads * stride_mh
+        tl.store(a_ptr + split * stride_as, acc, mask=gd_ok)
+        tl.store(m_ptr + split * stride_ms, m_i, mask=g_ok)
+        tl.store(m_ptr + split * stride_ms + 1, l_i, mask=g_ok)
+        # The last split of (b, kv head) to arrive merges them all (no second kernel): every
+        # thread's partials are stored before the barrier, the counter's release publishes them,
+        # its acquire on the last arrival sees them; that program resets the counter for the next
+        # launch. Partials are read through L2 (.cg), never a stale L1 line.
+        tl.debug_barrier()
+        cnt = CNT + b * tl.num_programs(1) + kvh
+        if tl.atomic_add(cnt, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            m_tot = tl.full([BLOCK_G], float("-inf"), tl.float32)
+            l_tot = tl.zeros([BLOCK_G], tl.float32)
+            out = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            for sp in range(0, num_splits):
+                m_s = tl.load(m_ptr + sp * stride_ms, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
+                l_s = tl.load(m_ptr + sp * stride_ms + 1, mask=g_ok, other=0.0, cache_modifier=".cg")
+                a_s = tl.load(a_ptr + sp * stride_as, mask=gd_ok, other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m_tot, m_s)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty split weighs nothing
+                alpha = tl.exp(m_tot - m_safe)
+                beta = tl.exp(m_s - m_safe)
+                l_tot = l_tot * alpha + l_s * beta
+                out = out * alpha[:, None] + a_s * beta[:, None]
+                m_tot = m_new
+            tl.store(o_ptr, (out / tl.where(g_ok, l_tot, 1.0)[:, None]).to(O.dtype.element_ty), mask=gd_ok)
+            tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
-def _merge_kernel(
-    ACC, ML, O,
-    stride_ab, stride_ah, stride_as,
-    stride_mb, stride_mh, stride_ms,
-    stride_ob, stride_oh,
-    num_splits,
-    D: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    m_max = tl.full([1], float("-inf"), tl.float32)
-    for s in range(0, num_splits):
-        m_max = tl.maximum(m_max, tl.load(ML + b * stride_mb + h * stride_mh + s * stride_ms + tl.zeros([1], tl.int32)))
-    total = tl.zeros([1], tl.float32)
-    out = tl.zeros([BLOCK_D], tl.float32)
-    for s in range(0, num_splits):
-        base = ML + b * stride_mb + h * stride_mh + s * stride_ms + tl.zeros([1], tl.int32)
-        m = tl.load(base)
-        w = tl.where(m > float("-inf"), tl.exp(m - m_max), 0.0)  # an empty split weighs nothing
-        total += w * tl.load(base + 1)
-        acc = tl.load(ACC + b * stride_ab + h * stride_ah + s * stride_as + d, mask=d_ok, other=0.0)
-        out += w * acc
-    tl.store(O + b * stride_ob + h * stride_oh + d, (out / total).to(O.dtype.element_ty), mask=d_ok)
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, kv head), kept between launches (each launch
+    leaves them at zero again); made once per device, before any CUDA-graph capture."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 TILE_TOKENS = 64  # context tokens per inner iteration (several cache blocks)
@@ -136,23 +150,16 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_g = max(triton.next_power_of_2(g), 16)  # tl.dot needs 16 rows; the padding rows are zeros
     block_d = max(triton.next_power_of_2(d), 16)
     _decode_split_kernel[(b, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, acc, ml,
+        q, k_cache, v_cache, block_tables, seq_lens, acc, ml, out, _arrival_counters(q.device, b * kv_heads),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2),
+        out.stride(0), out.stride(1),
         scale, splits,
         G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BS=bs, TILE=tile,
         IEEE=k_cache.dtype == torch.float32,
-    )
-    _merge_kernel[(b, heads)](
-        acc, ml, out,
-        acc.stride(0), acc.stride(1), acc.stride(2),
-        ml.stride(0), ml.stride(1), ml.stride(2),
-        out.stride(0), out.stride(1),
-        splits,
-        D=d, BLOCK_D=block_d,
     )
     return out

@@ -53,6 +53,7 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     hi = tl.minimum(seq_len, ctx0 + m0 + BLOCK_M)  # past the tile's last query: all masked
+    hi = tl.where(m0 < q_len, hi, 0)  # a padding tile (prefill graphs): no queries, no work
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(ctx0 + m0 - window + 1, 0)

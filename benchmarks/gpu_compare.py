@@ -307,7 +307,7 @@ def main() -> int:
         save()
     if "transformers" not in args.skip:
         llm.core.runner.kv_caches = None  # give the KV pool back; transformers allocates its own cache
-        llm.core.runner.graphs = None
+        llm.core.runner.graphs = llm.core.runner.prefill_graphs = None  # they hold the pool too
         gc.collect()
         torch.cuda.empty_cache()
         res["transformers"] = hf_bench(model, llm.core.manifest.model.vocab_size)

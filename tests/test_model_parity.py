@@ -110,6 +110,7 @@ def test_small_batch_fused_path_matches_transformers(family, monkeypatch):
     monkeypatch.setattr(llama.LlamaModel, "_forward_small",
                         lambda self, *a: calls.append(a[0].shape[0]) or real(self, *a))
     core = EngineCore(engine, EngineOptions(device=DEVICE, kv_cache_memory=8 << 20, cuda_graphs=False))
+    calls.clear()  # the GPU's load-time warm-up passes
     rng = random.Random(3)
     reqs = [Request(f"s{i}", [rng.randrange(3, VOCAB) for _ in range(n)], greedy(9))
             for i, n in enumerate([4, 9])]

@@ -123,7 +123,9 @@ def engine_facts(llm) -> dict[str, Any]:
         "load_s": round(core.load_seconds, 3),  # engine directory -> ready, all included
         "runner_load_s": round(runner.load_seconds, 3),  # weights, KV pool, graphs (no verification)
         "cuda_graphs": runner.graphs.batch_sizes if runner.graphs is not None else None,
+        "prefill_graphs": runner.prefill_graphs.buckets if runner.prefill_graphs is not None else None,
         "graph_capture_s": round(runner.graph_capture_seconds, 3),
+        "eager_warmup_s": round(runner.warmup_seconds, 3),
     }
     if runner.device.type == "cuda":
         import torch

@@ -36,8 +36,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-verify", action="store_true",
                    help="skip checking the weight files' sha256 at load (faster, less safe)")
     g.add_argument("--no-cuda-graphs", action="store_true",
-                   help="GPU: run every step eagerly instead of replaying decode steps from CUDA graphs "
-                        "captured at load (faster load, slower decode)")
+                   help="GPU: run every step eagerly instead of replaying decode steps and single "
+                        "prompts from CUDA graphs captured at load (faster load, slower steps)")
     g.add_argument("--map-weights", action="store_true",
                    help="CPU: compute from the memory-mapped weight file instead of an in-memory copy "
                         "(shares the page cache between processes; slower decode)")

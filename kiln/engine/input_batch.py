@@ -32,8 +32,9 @@ class ModelInputs:
 
 class HostStaging:
     """Ships a step's integer inputs to the device in one copy: they are packed into one pinned
-    host buffer (kept and grown across steps) and copied with one non-blocking transfer. On the
-    CPU the numpy arrays are used as they are (no copy at all).
+    host buffer (kept and grown across steps) and copied with one non-blocking transfer, as int32,
+    the CUDA graphs' input type, so that eager steps launch the very kernel variants the graphs
+    compiled at load. On the CPU the numpy (int64) arrays are used as they are (no copy at all).
 
     The buffer is rewritten only after the previous step's copy has finished (an event), so a step
     that ends without a host synchronization (a prompt chunk that samples nothing) is safe too.
@@ -47,18 +48,18 @@ class HostStaging:
     def upload(self, arrays: Sequence[np.ndarray]) -> list[torch.Tensor]:
         if self.device.type == "cpu":
             return [torch.from_numpy(a) for a in arrays]
-        total = sum(-(-a.size // 2) * 2 for a in arrays)
+        total = sum(-(-a.size // 4) * 4 for a in arrays)
         if self._copied is not None:
             self._copied.synchronize()
         if self._buf is None or self._buf.numel() < total:
             self._buf = torch.empty(max(total, 2 * (0 if self._buf is None else self._buf.numel()), 4096),
-                                    dtype=torch.int64, pin_memory=self.device.type == "cuda")
+                                    dtype=torch.int32, pin_memory=True)
         host = self._buf.numpy()
         offsets = [0]
         for a in arrays:
             host[offsets[-1]:offsets[-1] + a.size] = a.ravel()
             # each array 16-byte aligned: Triton specializes (and compiles) kernels per pointer alignment
-            offsets.append(offsets[-1] + -(-a.size // 2) * 2)
+            offsets.append(offsets[-1] + -(-a.size // 4) * 4)
         dev = self._buf[:offsets[-1]].to(self.device, non_blocking=True)
         if self.device.type == "cuda":
             self._copied = torch.cuda.Event()
@@ -74,6 +75,8 @@ def prepare_inputs(chunks: Sequence[ChunkSpec], block_size: int, device: torch.d
     b, t = len(chunks), int(lens.sum())
     max_q = int(lens.max())
     max_blocks = max(len(c.block_ids) for c in chunks)
+    if device.type == "cuda":  # a table row stride divisible by 16, as in the graphs: Triton compiles
+        max_blocks = -(-max_blocks // 16) * 16  # a kernel variant per stride class, mid-run otherwise
 
     input_ids = np.fromiter((tok for c in chunks for tok in c.token_ids), dtype=np.int64, count=t)
     seq_idx = np.repeat(np.arange(b, dtype=np.int64), lens)

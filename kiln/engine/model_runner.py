@@ -109,6 +109,7 @@ class ModelRunner:
                                                 self.block_size)
             self.graph_capture_seconds = (self.graphs.capture()
                                           + self.prefill_graphs.capture(pool=self.graphs.pool))
+        self.warmup_seconds = self._warm_eager() if device.type == "cuda" and use_kernels(self.kv_caches) else 0.0
         self.load_seconds = time.perf_counter() - t0
 
     @property
@@ -137,6 +138,23 @@ class ModelRunner:
                 f"(one block of {self.block_size} tokens takes {self.block_bytes} bytes)"
             )
         return int(blocks)
+
+    @torch.inference_mode()
+    def _warm_eager(self) -> float:
+        """Compile the eager path's kernel variants at load, not on a live server's first batched
+        prompt (a second's stall): forward passes of a few tokens (the small-batch path), of
+        several prompts (the regular path) and of a decode batch, over the null block (block 0,
+        never handed out). Returns seconds."""
+        t0 = time.perf_counter()
+        null = [0] * -(-12 // self.block_size)
+        for lens in ((3, 2), (12, 12), (1, 1)):
+            specs = [ChunkSpec([0] * n, 0, null) for n in lens]
+            inputs = prepare_inputs(specs, self.block_size, self.device, self.cfg.sliding_window, self.staging)
+            with attention_context(inputs.attn):
+                hidden = self.model(inputs.input_ids, inputs.positions, self.rope_table, self.kv_caches)
+            self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
     def _graph_step(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits, their argmax) from a CUDA graph replay for a pure decode step (one sampled

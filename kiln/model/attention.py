@@ -24,12 +24,14 @@ from kiln.model.layers import apply_rope
 class AttentionMetadata:
     """Everything attention needs for one step, as device tensors built by the model runner."""
 
-    slot_mapping: torch.Tensor  # [T] int64: flat cache slot (block * block_size + offset) per token
-    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0
-    seq_lens: torch.Tensor  # [B] int64: context length of each sequence after this step
-    # The reference path's padded-batch layout (None in CUDA-graph decode, whose kernel needs neither):
-    query_pos: torch.Tensor | None  # [B, max_q] int64: absolute position of each query, 0 for padding
-    query_index: torch.Tensor | None  # [T] int64: where each flat token goes in the [B * max_q] batch
+    # Integer tensors are int64 on the CPU, int32 on a GPU (one compiled variant of each kernel for
+    # eager steps and graph replays alike).
+    slot_mapping: torch.Tensor  # [T]: flat cache slot (block * block_size + offset) per token
+    block_tables: torch.Tensor  # [B, max_blocks], padded with block 0
+    seq_lens: torch.Tensor  # [B]: context length of each sequence after this step
+    # The reference path's padded-batch layout (None in CUDA-graph steps, whose kernels need neither):
+    query_pos: torch.Tensor | None  # [B, max_q]: absolute position of each query, 0 for padding
+    query_index: torch.Tensor | None  # [T]: where each flat token goes in the [B * max_q] batch
     max_q: int
     max_kv: int  # max_blocks * block_size
     sliding_window: int | None = None
@@ -88,6 +90,7 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
              slot_mapping: torch.Tensor) -> None:
     """Store [T, kv_heads, head_dim] keys/values at their slots of [blocks, block_size, kv_heads, hd]."""
     kv_heads, hd = k_cache.shape[-2:]
+    slot_mapping = slot_mapping.long()  # index_copy_ takes int64 indices only
     k_cache.view(-1, kv_heads, hd).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kv_heads, hd).index_copy_(0, slot_mapping, v)
 
@@ -110,7 +113,7 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     t, heads, hd = q.shape
     b = meta.seq_lens.shape[0]
     kv_heads = k_cache.shape[-2]
-    qp = q.new_zeros(b * meta.max_q, heads, hd).index_copy_(0, meta.query_index, q)
+    qp = q.new_zeros(b * meta.max_q, heads, hd).index_copy_(0, meta.query_index.long(), q)
     qp = qp.view(b, meta.max_q, heads, hd).transpose(1, 2)
     keys = k_cache[meta.block_tables].reshape(b, meta.max_kv, kv_heads, hd).transpose(1, 2)
     values = v_cache[meta.block_tables].reshape(b, meta.max_kv, kv_heads, hd).transpose(1, 2)

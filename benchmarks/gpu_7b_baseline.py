@@ -93,7 +93,8 @@ def main() -> int:
     bw = copy_bandwidth()
     from kiln import LLM
 
-    from kiln.engine_dir import read_manifest, verify_weights
+    from kiln.engine_dir import read_manifest
+    from kiln.weight_integrity import verify_weights
 
     t0 = time.perf_counter()
     verify_weights(read_manifest(engine))

@@ -21,10 +21,9 @@ from kiln.engine_dir import (
     load_weights,
     read_manifest,
     read_safetensors_header,
-    WeightHasher,
-    verify_weights,
 )
 from kiln.errors import EngineLoadError
+from kiln.weight_integrity import WeightHasher, verify_weights
 
 
 @pytest.fixture
@@ -223,7 +222,7 @@ def test_default_engine_loads(default_engine):
 
 
 def test_verification_is_remembered_until_the_file_changes(tiny_engine, tmp_path, monkeypatch):
-    import kiln.engine_dir as ed
+    import kiln.weight_integrity as wi
 
     monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
     engine = tmp_path / "engine"
@@ -232,8 +231,8 @@ def test_verification_is_remembered_until_the_file_changes(tiny_engine, tmp_path
     os.utime(w, (1_700_000_000, 1_700_000_000))  # settled: written long ago
     m = read_manifest(engine)
     hashed = []
-    real = ed.sha256_file
-    monkeypatch.setattr(ed, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
+    real = wi.sha256_file
+    monkeypatch.setattr(wi, "sha256_file", lambda p, *a: hashed.append(p) or real(p, *a))
     verify_weights(m)
     verify_weights(m)
     assert len(hashed) == 1  # the second load trusted the record

@@ -28,7 +28,6 @@ from kiln.engine_dir import (
     ST_CODES,
     TOKENIZER_NAME,
     WEIGHTS_NAME,
-    WeightHasher,
     is_engine_dir,
     manifest_dict,
     write_manifest,
@@ -36,6 +35,7 @@ from kiln.engine_dir import (
 from kiln.errors import BuildError
 from kiln.model.layout import WeightSpec, runtime_layout
 from kiln.version import __version__
+from kiln.weight_integrity import WeightHasher
 
 DTYPE_CHOICES = ("auto", *DTYPES)
 

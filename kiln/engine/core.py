@@ -13,7 +13,8 @@ from kiln.engine.model_runner import ModelRunner
 from kiln.engine.options import EngineOptions
 from kiln.engine.request import FinishReason, Request
 from kiln.engine.scheduler import Scheduler, SchedulerConfig
-from kiln.engine_dir import EngineManifest, read_manifest, verify_weights
+from kiln.engine_dir import EngineManifest, read_manifest
+from kiln.weight_integrity import verify_weights
 
 
 def pick_device(name: str | None) -> torch.device:

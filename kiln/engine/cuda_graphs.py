@@ -45,27 +45,6 @@ def _pad(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
-def _capture(buckets: Sequence[int], fill_empty, upload, forward, pool=None) -> tuple[dict, object]:
-    """Capture forward(bucket) for each bucket (largest first, in one memory pool) after one eager
-    warm-up run (Triton compiles, cuBLAS picks its kernels); returns ({bucket: outputs}, pool)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graphs = {}
-    with torch.cuda.stream(stream):
-        for b in sorted(buckets, reverse=True):
-            fill_empty(b)
-            upload(b)
-            forward(b)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                outputs = forward(b)
-            pool = graph.pool()
-            graphs[b] = (graph, *outputs)
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    return graphs, pool
-
-
 class _Staging:
     """One pinned host buffer and its device twin; a refill waits for the previous upload."""
 
@@ -85,9 +64,79 @@ class _Staging:
         self._copied.record()
 
 
+class _BucketGraphs:
+    """What both graph sets share: one staging buffer sized for the largest bucket, one graph per
+    bucket captured at load, and the replay of a step padded up to its bucket. A subclass gives
+    `_size` (int32s of a bucket's inputs), `_fill` (write a step into the staging buffer), `_EMPTY`
+    (the arguments of a do-nothing step, for capture) and `_forward` (the captured work)."""
+
+    _EMPTY: tuple = ()
+
+    def __init__(self, model: LlamaModel, rope_table: torch.Tensor, kv_caches: torch.Tensor,
+                 buckets: Sequence[int], table_width: int, block_size: int):
+        self.model = model
+        self.rope_table = rope_table
+        self.kv_caches = kv_caches
+        self.buckets = tuple(sorted(buckets))
+        self.width = table_width
+        self.block_size = block_size
+        self._buf = _Staging(self._size(self.buckets[-1]), kv_caches.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.pool = None
+        self.capture_seconds = 0.0
+
+    def _size(self, b: int) -> int:
+        raise NotImplementedError
+
+    def _fill(self, b: int, *step) -> None:
+        raise NotImplementedError
+
+    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def capture(self, pool=None) -> float:
+        """Capture every bucket's graph (largest first, all in one memory pool, `pool` when given),
+        each after one eager run (Triton compiles, cuBLAS picks its kernels); returns seconds."""
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.buckets):
+                self._fill(b, *self._EMPTY)
+                self._buf.upload(self._size(b))
+                self._forward(b)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    outputs = self._forward(b)
+                pool = graph.pool()
+                self._graphs[b] = (graph, *outputs)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.pool = pool
+        self.capture_seconds = time.perf_counter() - t0
+        return self.capture_seconds
+
+    def bucket(self, n: int) -> int | None:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        return None
+
+    def _replay(self, b: int, *step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage `step` in bucket b's layout (once the previous upload is done), ship it, replay;
+        returns the graph's (logits, argmax), valid until the next replay."""
+        self._buf.wait()
+        self._fill(b, *step)
+        self._buf.upload(self._size(b))
+        graph, logits, greedy = self._graphs[b]
+        graph.replay()
+        return logits, greedy
+
+
 def layout(b: int, width: int) -> tuple[int, int]:
     """(field stride, total int32s) of bucket b's inputs: field f at f * stride, tables after."""
-    stride = -(-b // _ALIGN) * _ALIGN
+    stride = _pad(b)
     return stride, _FIELDS * stride + b * width
 
 
@@ -111,19 +160,24 @@ def fill_inputs(h: np.ndarray, b: int, width: int, block_size: int, token_ids: S
         h[f * s + n:f * s + b] = 1 if f == 3 else 0
 
 
-class DecodeGraphs:
-    def __init__(self, model: LlamaModel, rope_table: torch.Tensor, kv_caches: torch.Tensor,
-                 batch_sizes: Sequence[int], table_width: int, block_size: int):
-        self.model = model
-        self.rope_table = rope_table
-        self.kv_caches = kv_caches
-        self.batch_sizes = tuple(sorted(batch_sizes))
-        self.max_batch = self.batch_sizes[-1]
-        self.width = table_width
-        self.block_size = block_size
-        self._buf = _Staging(layout(self.max_batch, table_width)[1], kv_caches.device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.capture_seconds = 0.0
+class DecodeGraphs(_BucketGraphs):
+    """Decode steps as graph replays, one per batch bucket (module docstring)."""
+
+    _EMPTY = ([], [], [])
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return self.buckets
+
+    @property
+    def max_batch(self) -> int:
+        return self.buckets[-1]
+
+    def _size(self, b: int) -> int:
+        return layout(b, self.width)[1]
+
+    def _fill(self, b: int, token_ids, positions, block_tables) -> None:
+        fill_inputs(self._buf.np, b, self.width, self.block_size, token_ids, positions, block_tables)
 
     def _views(self, b: int) -> tuple[torch.Tensor, ...]:
         d = self._buf.dev
@@ -142,35 +196,13 @@ class DecodeGraphs:
         logits = self.model.compute_logits(hidden)
         return logits, logits.argmax(dim=-1)  # the greedy tokens, for steps that need nothing else
 
-    @torch.inference_mode()
-    def capture(self, pool=None) -> float:
-        """Capture every bucket's graph; returns seconds. `pool`: a memory pool to share."""
-        t0 = time.perf_counter()
-        self._graphs, self.pool = _capture(
-            self.batch_sizes,
-            lambda b: fill_inputs(self._buf.np, b, self.width, self.block_size, [], [], []),
-            lambda b: self._buf.upload(layout(b, self.width)[1]), self._forward, pool)
-        self.capture_seconds = time.perf_counter() - t0
-        return self.capture_seconds
-
-    def bucket(self, n: int) -> int | None:
-        for b in self.batch_sizes:
-            if b >= n:
-                return b
-        return None
-
     def run(self, token_ids: Sequence[int], positions: Sequence[int],
             block_tables: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of n = len(token_ids) sequences (n <= max_batch); each block table
         covers position + 1 tokens. Returns the logits [n, vocab] (float32) and their argmax [n],
         valid until the next replay."""
         n = len(token_ids)
-        b = self.bucket(n)
-        self._buf.wait()
-        fill_inputs(self._buf.np, b, self.width, self.block_size, token_ids, positions, block_tables)
-        self._buf.upload(layout(b, self.width)[1])
-        graph, logits, greedy = self._graphs[b]
-        graph.replay()
+        logits, greedy = self._replay(self.bucket(n), token_ids, positions, block_tables)
         return logits[:n], greedy[:n]
 
 
@@ -215,21 +247,20 @@ def fill_prefill(h: np.ndarray, t: int, width: int, block_size: int, token_ids: 
     put("row")[0] = max(n - 1, 0)
 
 
-class PrefillGraphs:
+class PrefillGraphs(_BucketGraphs):
     """Single-sequence prefill steps as graph replays, one per token bucket (module docstring)."""
 
-    def __init__(self, model: LlamaModel, rope_table: torch.Tensor, kv_caches: torch.Tensor,
-                 token_buckets: Sequence[int], table_width: int, block_size: int):
-        self.model = model
-        self.rope_table = rope_table
-        self.kv_caches = kv_caches
-        self.buckets = tuple(sorted(token_buckets))
-        self.max_tokens = self.buckets[-1]
-        self.width = table_width
-        self.block_size = block_size
-        self._buf = _Staging(prefill_layout(self.max_tokens, table_width)[1], kv_caches.device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
-        self.capture_seconds = 0.0
+    _EMPTY = ([0], 0, [])
+
+    @property
+    def max_tokens(self) -> int:
+        return self.buckets[-1]
+
+    def _size(self, t: int) -> int:
+        return prefill_layout(t, self.width)[1]
+
+    def _fill(self, t: int, token_ids, start, block_ids) -> None:
+        fill_prefill(self._buf.np, t, self.width, self.block_size, token_ids, start, block_ids)
 
     def _forward(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
         f, _ = prefill_layout(t, self.width)
@@ -244,31 +275,9 @@ class PrefillGraphs:
         logits = self.model.compute_logits(hidden.index_select(0, v["row"]))
         return logits, logits.argmax(dim=-1)
 
-    @torch.inference_mode()
-    def capture(self, pool=None) -> float:
-        t0 = time.perf_counter()
-        self._graphs, self.pool = _capture(
-            self.buckets,
-            lambda t: fill_prefill(self._buf.np, t, self.width, self.block_size, [0], 0, []),
-            lambda t: self._buf.upload(prefill_layout(t, self.width)[1]), self._forward, pool)
-        self.capture_seconds = time.perf_counter() - t0
-        return self.capture_seconds
-
-    def bucket(self, n: int) -> int | None:
-        for t in self.buckets:
-            if t >= n:
-                return t
-        return None
-
     def run(self, token_ids: Sequence[int], start: int, block_ids: Sequence[int]
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Compute tokens [start, start + n) of one sequence (its earlier tokens' K/V are in the
         cache; its block table covers start + n tokens). Returns the logits of its last token
         [1, vocab] (float32) and their argmax [1], valid until the next replay."""
-        t = self.bucket(len(token_ids))
-        self._buf.wait()
-        fill_prefill(self._buf.np, t, self.width, self.block_size, token_ids, start, block_ids)
-        self._buf.upload(prefill_layout(t, self.width)[1])
-        graph, logits, greedy = self._graphs[t]
-        graph.replay()
-        return logits, greedy
+        return self._replay(self.bucket(len(token_ids)), token_ids, start, block_ids)

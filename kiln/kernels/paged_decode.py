@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.paged_tile import dot, load_tile, online_softmax_step, tile_slots
+from kiln.kernels.paged_tile import check_paged, dot, load_tile, online_softmax_step, tile_slots
 
 
 @triton.jit
@@ -135,11 +135,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     the new token, whose K/V must already be written). Returns [B, heads, D] in q's dtype.
     """
     b, heads, d = q.shape
-    bs, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError("the head dimension must be contiguous")
+    bs, kv_heads = check_paged(q, k_cache, v_cache)
     g = heads // kv_heads
     max_blocks = block_tables.shape[1]
     splits = num_splits or num_splits_for(b, kv_heads, max_blocks)

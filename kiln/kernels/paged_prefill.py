@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.paged_tile import dot, load_tile, online_softmax_step, tile_slots
+from kiln.kernels.paged_tile import check_paged, dot, load_tile, online_softmax_step, tile_slots
 from kiln.kernels.prefill_tiles import BLOCK_M
 
 
@@ -88,11 +88,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     Returns [T, heads, D] in q's dtype.
     """
     t, heads, d = q.shape
-    bs, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    if heads % kv_heads:
-        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
-        raise ValueError("the head dimension must be contiguous")
+    bs, kv_heads = check_paged(q, k_cache, v_cache)
     out = torch.empty(t, heads, d, dtype=q.dtype, device=q.device)
     n_tiles = tile_seq.shape[0]
     if n_tiles == 0:

@@ -1,11 +1,23 @@
-"""Pieces both paged-attention kernels inline (`@triton.jit` helpers): reading a tile of K or V
-through a block table, a dot on tensor cores (IEEE float32 when the cache is float32), and one
-step of the online softmax."""
+"""Pieces both paged-attention kernels share: the `@triton.jit` helpers they inline (reading a tile
+of K or V through a block table, a dot on tensor cores (IEEE float32 when the cache is float32),
+one step of the online softmax) and the host-side check of their inputs (`check_paged`)."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+
+def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+    """Refuse inputs the kernels cannot read; returns (block_size, kv_heads) of the cache
+    [blocks, block_size, kv_heads, D]."""
+    heads, kv_heads = q.shape[1], k_cache.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:
+        raise ValueError("the head dimension must be contiguous")
+    return k_cache.shape[1], kv_heads
 
 
 @triton.jit

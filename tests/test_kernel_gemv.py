@@ -96,3 +96,23 @@ def test_embed_rows(t, n):
     y = embed_rows(table, ids, ss)
     assert torch.equal(y, table[ids])
     torch.testing.assert_close(ss, sumsq(table[ids]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,n,k,split", [(1, 96, 256, 2), (3, 64, 200, 3), (16, 48, 512, 4)])
+def test_split_k_matches_one_pass(m, n, k, split):
+    """K split over several programs per column tile; the last to arrive sums the partials and runs
+    the epilogue (plain output, and the residual one with its sums of squares). The arrival
+    counters are left at zero for the next launch (a CUDA-graph replay)."""
+    from kiln.kernels.gemv import _arrival_counters
+
+    block_m = 1 if m == 1 else 16
+    cfg = (block_m, 16, 64, 4, 2, split)
+    x, w, b = rand(m, k, seed=21), rand(n, k, seed=22, scale=k ** -0.5), rand(n, seed=23)
+    torch.testing.assert_close(gemv(x, w, b, config=cfg), F.linear(x, w, b), **TOL)
+    stream = rand(m, n, seed=24, scale=2.0)
+    ss = torch.zeros(m, device=DEVICE)
+    expect = stream + F.linear(x, w, b)
+    assert gemv(x, w, b, residual=stream, ss_out=ss, config=cfg) is None
+    torch.testing.assert_close(stream, expect, **TOL)
+    torch.testing.assert_close(ss, sumsq(expect), rtol=1e-3 if DTYPE == torch.float16 else 1e-5, atol=1e-3)
+    assert not _arrival_counters(x.device, 0).any()

@@ -97,3 +97,22 @@ def test_rope_and_cache(t, heads, kv_heads, d):
     untouched[slots.cpu()] = False
     assert torch.equal(kc.view(-1, kv_heads, d)[untouched.to(DEVICE)],
                        rand(num_blocks, BS, kv_heads, d, seed=10).view(-1, kv_heads, d)[untouched.to(DEVICE)])
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,d", [(5, 8, 2, 64), (3, 4, 4, 128)])
+def test_rope_and_cache_with_rotated_keys(t, heads, kv_heads, d):
+    """with_k: the rotated keys come back too (what a fresh prompt's attention runs on), equal to
+    the keys written to the cache."""
+    q_size, kv_size = heads * d, kv_heads * d
+    qkv = rand(t, q_size + 2 * kv_size, seed=12)
+    q = qkv[:, :q_size].view(t, heads, d)
+    k = qkv[:, q_size:q_size + kv_size].view(t, kv_heads, d)
+    v = qkv[:, q_size + kv_size:].view(t, kv_heads, d)
+    angles = torch.rand(t, d // 2, generator=torch.Generator().manual_seed(13)) * 6.3
+    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(DEVICE)
+    slots = torch.arange(3, 3 + t).to(DEVICE)
+    kc, vc = (torch.zeros(4, BS, kv_heads, d, dtype=DTYPE, device=DEVICE) for _ in range(2))
+    got_q, got_k = rope_and_cache(q, k, v, cos_sin, kc, vc, slots, with_k=True)
+    torch.testing.assert_close(got_q, apply_rope(q, cos_sin), **TOL)
+    torch.testing.assert_close(got_k, apply_rope(k, cos_sin), **TOL)
+    assert torch.equal(got_k, kc.view(-1, kv_heads, d)[slots])

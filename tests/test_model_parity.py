@@ -96,6 +96,17 @@ def test_prefix_cache_hit_matches_transformers(family):
     assert check_against_hf(hf, seen, tol) == 17
 
 
+def test_single_fresh_prompt_matches_transformers(family):
+    """One prompt from position 0, alone in its step: on a GPU its attention is causal SDPA over
+    the step's own keys (AttentionMetadata.fresh), not the paged kernel (eager here: the graphs'
+    fresh variants start at 512 tokens, see test_cuda_graphs)."""
+    _, hf, engine, tol = family
+    core = EngineCore(engine, EngineOptions(device=DEVICE, kv_cache_memory=8 << 20, cuda_graphs=False))
+    rng = random.Random(4)
+    req = Request("f", [rng.randrange(3, VOCAB) for _ in range(40)], greedy(3))
+    assert check_against_hf(hf, run_capturing(core, [req]), tol) == 3
+
+
 def test_small_batch_fused_path_matches_transformers(family, monkeypatch):
     """Steps of at most 16 tokens take the fused small-batch path on a GPU (LlamaModel._forward_small:
     kiln.kernels.gemv with norms, SiLU and residual adds folded in). On the CPU it is forced on here,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from kiln.engine.events import TokenEvent
-from kiln.engine.model_runner import ModelRunner
+from kiln.engine.model_runner import ModelRunner, PendingStep
 from kiln.engine.options import EngineOptions
 from kiln.engine.request import FinishReason, Request
 from kiln.engine.scheduler import Scheduler, SchedulerConfig
@@ -45,6 +45,11 @@ class EngineCore:
             enable_prefix_caching=options.enable_prefix_caching,
         ))
         self.num_steps = 0
+        # Overlap (EngineOptions.overlap_steps): the step launched ahead, its tokens not yet read.
+        self.overlap = options.overlap_steps if options.overlap_steps is not None else (
+            self.runner.graphs is not None)
+        self._inflight: PendingStep | None = None
+        self.num_ahead_steps = 0  # steps launched before the step before them was read
         # Host seconds of all steps so far, by phase: scheduling; preparing inputs and launching
         # the forward pass and sampler; waiting for the GPU (the sampled tokens); folding the tokens
         # in. All but `wait` are the CPU's own work per step.
@@ -66,29 +71,48 @@ class EngineCore:
         return self.scheduler.finish(request_id, reason, stop_reason)
 
     def has_unfinished(self) -> bool:
+        if self._inflight is not None and not self.scheduler.has_unfinished:
+            # Every row of the step launched ahead has finished or was aborted: nothing of it is
+            # left to fold in. Drop it; the device completes it before anything queued later.
+            self._inflight = None
         return self.scheduler.has_unfinished
 
     def step(self) -> list[TokenEvent]:
+        """Run one step and return its tokens. With overlap on, the step after it (a decode step
+        of the same requests, Scheduler.schedule_ahead) is launched before this step's tokens are
+        read, so the GPU runs step N+1 while the host folds in step N and prepares N+2."""
         t0 = time.perf_counter()
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        sampling = [c.request for c in out.chunks if c.samples]  # read before update() appends
+        runner, sched = self.runner, self.scheduler
+        step, self._inflight = self._inflight, None
+        launch_s = 0.0
+        if step is None:
+            out = sched.schedule()
+            if out.is_empty:
+                return []
+            t = time.perf_counter()
+            step = runner.launch(out)
+            launch_s += time.perf_counter() - t
+        if self.overlap and runner.can_chain(step):
+            nxt = sched.schedule_ahead(step.out)
+            if nxt is not None:
+                t = time.perf_counter()
+                self._inflight = runner.launch(nxt, after=step)
+                self.num_ahead_steps += 1
+                launch_s += time.perf_counter() - t
         t1 = time.perf_counter()
-        runner = self.runner
         runner.sync_start = runner.sync_end = 0.0
-        result = runner.execute(out)
+        result = runner.collect(step)
         t2 = time.perf_counter()
-        finished = {r.request_id for r in self.scheduler.update(out, result.token_ids)}
+        finished = {r.request_id for r in sched.update(step.out, result.token_ids)}
         t3 = time.perf_counter()
         wait = runner.sync_end - runner.sync_start
         times = self.step_seconds
-        times["schedule"] += t1 - t0
-        times["prepare"] += t2 - t1 - wait
+        times["schedule"] += t1 - t0 - launch_s
+        times["prepare"] += launch_s + t2 - t1 - wait
         times["wait"] += wait
         times["update"] += t3 - t2
         self.num_steps += 1
         return [
             TokenEvent(req, tok, lp, req.finish_reason if req.request_id in finished else None)
-            for req, tok, lp in zip(sampling, result.token_ids, result.logprobs)
+            for req, tok, lp in zip(step.reqs, result.token_ids, result.logprobs)
         ]

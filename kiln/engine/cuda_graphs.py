@@ -66,9 +66,10 @@ class _Staging:
 
 class _BucketGraphs:
     """What both graph sets share: one staging buffer sized for the largest bucket, one graph per
-    bucket captured at load, and the replay of a step padded up to its bucket. A subclass gives
-    `_size` (int32s of a bucket's inputs), `_fill` (write a step into the staging buffer), `_EMPTY`
-    (the arguments of a do-nothing step, for capture) and `_forward` (the captured work)."""
+    key (a bucket, or a bucket and a variant) captured at load, and the replay of a step padded up
+    to its bucket. A subclass gives `_size` (int32s of a key's inputs), `_fill` (write a step into
+    the staging buffer), `_EMPTY` (the arguments of a do-nothing step, for capture), `_forward`
+    (the captured work) and, with variants, `_keys`."""
 
     _EMPTY: tuple = ()
 
@@ -80,10 +81,13 @@ class _BucketGraphs:
         self.buckets = tuple(sorted(buckets))
         self.width = table_width
         self.block_size = block_size
-        self._buf = _Staging(self._size(self.buckets[-1]), kv_caches.device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._buf = _Staging(max(self._size(k) for k in self._keys()), kv_caches.device)
+        self._graphs: dict = {}  # key -> (graph, logits, argmax)
         self.pool = None
         self.capture_seconds = 0.0
+
+    def _keys(self) -> list:
+        return list(self.buckets)
 
     def _size(self, b: int) -> int:
         raise NotImplementedError
@@ -102,7 +106,7 @@ class _BucketGraphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for b in reversed(self.buckets):
+            for b in reversed(self._keys()):
                 self._fill(b, *self._EMPTY)
                 self._buf.upload(self._size(b))
                 self._forward(b)
@@ -123,12 +127,16 @@ class _BucketGraphs:
                 return b
         return None
 
-    def _replay(self, b: int, *step) -> tuple[torch.Tensor, torch.Tensor]:
+    def _replay(self, b: int, *step, device_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage `step` in bucket b's layout (once the previous upload is done), ship it, replay;
-        returns the graph's (logits, argmax), valid until the next replay."""
+        returns the graph's (logits, argmax), valid until the next replay. `device_ids` (already
+        on the device, e.g. the step before's sampled tokens) replace the first token ids: every
+        layout starts with the token ids."""
         self._buf.wait()
         self._fill(b, *step)
         self._buf.upload(self._size(b))
+        if device_ids is not None:
+            self._buf.dev[:device_ids.numel()].copy_(device_ids)
         graph, logits, greedy = self._graphs[b]
         graph.replay()
         return logits, greedy
@@ -197,12 +205,15 @@ class DecodeGraphs(_BucketGraphs):
         return logits, logits.argmax(dim=-1)  # the greedy tokens, for steps that need nothing else
 
     def run(self, token_ids: Sequence[int], positions: Sequence[int],
-            block_tables: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            block_tables: Sequence[Sequence[int]], device_ids: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode step of n = len(token_ids) sequences (n <= max_batch); each block table
-        covers position + 1 tokens. Returns the logits [n, vocab] (float32) and their argmax [n],
-        valid until the next replay."""
+        covers position + 1 tokens. `device_ids` [n], when given, are the token ids instead
+        (`token_ids` then only counts the rows). Returns the logits [n, vocab] (float32) and their
+        argmax [n], valid until the next replay."""
         n = len(token_ids)
-        logits, greedy = self._replay(self.bucket(n), token_ids, positions, block_tables)
+        logits, greedy = self._replay(self.bucket(n), token_ids, positions, block_tables,
+                                      device_ids=device_ids)
         return logits[:n], greedy[:n]
 
 
@@ -247,8 +258,14 @@ def fill_prefill(h: np.ndarray, t: int, width: int, block_size: int, token_ids: 
     put("row")[0] = max(n - 1, 0)
 
 
+FRESH_MIN_TOKENS = 512  # buckets from here on get a second graph for fresh prompts (SDPA flash)
+
+
 class PrefillGraphs(_BucketGraphs):
-    """Single-sequence prefill steps as graph replays, one per token bucket (module docstring)."""
+    """Single-sequence prefill steps as graph replays, one per token bucket (module docstring).
+    Buckets of FRESH_MIN_TOKENS and more have a second graph for a fresh prompt (from position 0,
+    AttentionMetadata.fresh), whose attention is causal SDPA instead of the paged kernel; keys are
+    (bucket, fresh)."""
 
     _EMPTY = ([0], 0, [])
 
@@ -256,20 +273,25 @@ class PrefillGraphs(_BucketGraphs):
     def max_tokens(self) -> int:
         return self.buckets[-1]
 
-    def _size(self, t: int) -> int:
-        return prefill_layout(t, self.width)[1]
+    def _keys(self) -> list:
+        return ([(t, False) for t in self.buckets]
+                + [(t, True) for t in self.buckets if t >= FRESH_MIN_TOKENS])
 
-    def _fill(self, t: int, token_ids, start, block_ids) -> None:
-        fill_prefill(self._buf.np, t, self.width, self.block_size, token_ids, start, block_ids)
+    def _size(self, key) -> int:
+        return prefill_layout(key[0], self.width)[1]
 
-    def _forward(self, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fill(self, key, token_ids, start, block_ids) -> None:
+        fill_prefill(self._buf.np, key[0], self.width, self.block_size, token_ids, start, block_ids)
+
+    def _forward(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        t, fresh = key
         f, _ = prefill_layout(t, self.width)
         d = self._buf.dev
         v = {name: d[o:o + k] for name, (o, k) in f.items()}
         meta = AttentionMetadata(slot_mapping=v["slots"], block_tables=v["table"].view(1, self.width),
                                  seq_lens=v["len"], query_pos=None, query_index=None, max_q=t,
                                  max_kv=self.width * self.block_size, query_start=v["qs"],
-                                 tile_seq=v["tseq"], tile_start=v["tstart"])
+                                 tile_seq=v["tseq"], tile_start=v["tstart"], fresh=fresh)
         with attention_context(meta):
             hidden = self.model(v["ids"], v["pos"], self.rope_table, self.kv_caches)
         logits = self.model.compute_logits(hidden.index_select(0, v["row"]))
@@ -280,4 +302,5 @@ class PrefillGraphs(_BucketGraphs):
         """Compute tokens [start, start + n) of one sequence (its earlier tokens' K/V are in the
         cache; its block table covers start + n tokens). Returns the logits of its last token
         [1, vocab] (float32) and their argmax [1], valid until the next replay."""
-        return self._replay(self.bucket(len(token_ids)), token_ids, start, block_ids)
+        t = self.bucket(len(token_ids))
+        return self._replay((t, start == 0 and t >= FRESH_MIN_TOKENS), token_ids, start, block_ids)

@@ -103,5 +103,6 @@ def prepare_inputs(chunks: Sequence[ChunkSpec], block_size: int, device: torch.d
         slot_mapping=slots_d, block_tables=tables_d, seq_lens=lens_d, query_pos=qpos_d,
         query_index=qidx_d, max_q=max_q, max_kv=max_blocks * block_size,
         sliding_window=sliding_window, query_start=cu_d, tile_seq=tseq_d, tile_start=tstart_d,
+        fresh=b == 1 and int(starts[0]) == 0,
     )
     return ModelInputs(ids_d, pos_d, logits_d, attn)

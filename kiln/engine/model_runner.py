@@ -13,8 +13,8 @@ import torch
 from kiln.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from kiln.engine.input_batch import ChunkSpec, HostStaging, prepare_inputs
 from kiln.engine.request import Request
-from kiln.engine.sampler import Sampler
-from kiln.engine.sampling_metadata import SamplingMetadata, plain_greedy
+from kiln.engine.sampler import Sampler, SamplerOutput
+from kiln.engine.sampling_metadata import SamplingMetadata, plain_greedy, samples_without_history
 from kiln.engine.scheduler_output import SchedulerOutput
 from kiln.engine_dir import EngineManifest, load_weights
 from kiln.errors import EngineLoadError
@@ -95,7 +95,7 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.staging = HostStaging(device)
-        self.capture_logits = False  # tests: keep the last step's sampled-row logits
+        self.capture_logits = False  # tests: keep the last collected step's sampled-row logits
         self.last_logits: torch.Tensor | None = None
         self.sync_start = self.sync_end = 0.0  # when the last step began and ended waiting for the GPU
         self.graphs: DecodeGraphs | None = None
@@ -156,7 +156,8 @@ class ModelRunner:
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    def _graph_step(self, out: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _graph_step(self, out: SchedulerOutput, device_ids: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(logits, their argmax) from a CUDA graph replay for a pure decode step (one sampled
         token per sequence) or a step that is one sequence's prompt chunk; None when the step is
         neither or no graph fits it."""
@@ -168,47 +169,90 @@ class ModelRunner:
             if c.end - c.start > self.prefill_graphs.max_tokens:
                 return None
             return self.prefill_graphs.run(_tokens(c.request, c.start, c.end), c.start, c.request.block_ids)
-        if len(chunks) > self.graphs.max_batch:
+        if len(chunks) > self.graphs.max_batch or not _is_decode(out):
             return None
-        for c in chunks:
-            if c.end - c.start != 1 or not c.samples:
-                return None
-        return self.graphs.run([_tokens(c.request, c.start, c.end)[0] for c in chunks],
-                               [c.start for c in chunks], [c.request.block_ids for c in chunks])
+        ids = [0] * len(chunks) if device_ids is not None else [
+            _tokens(c.request, c.start, c.end)[0] for c in chunks]
+        return self.graphs.run(ids, [c.start for c in chunks], [c.request.block_ids for c in chunks],
+                               device_ids=device_ids)
 
-    def _eager_step(self, out: SchedulerOutput) -> torch.Tensor | None:
+    def _eager_step(self, out: SchedulerOutput, device_ids: torch.Tensor | None) -> torch.Tensor | None:
         chunks = out.chunks
-        specs = [ChunkSpec(_tokens(c.request, c.start, c.end), c.start, c.request.block_ids,
-                           c.samples) for c in chunks]
+        specs = [ChunkSpec([0] if device_ids is not None else _tokens(c.request, c.start, c.end),
+                           c.start, c.request.block_ids, c.samples) for c in chunks]
         inputs = prepare_inputs(specs, self.block_size, self.device, self.cfg.sliding_window, self.staging)
+        if device_ids is not None:
+            inputs.input_ids = device_ids.to(inputs.input_ids.dtype)
         with attention_context(inputs.attn):
             hidden = self.model(inputs.input_ids, inputs.positions, self.rope_table, self.kv_caches)
         if inputs.logits_indices.numel() == 0:
             return None
         return self.model.compute_logits(hidden.index_select(0, inputs.logits_indices))
 
+    def _ids_after(self, out: SchedulerOutput, after: "PendingStep") -> torch.Tensor:
+        """The input tokens of a step scheduled ahead: `after`'s sampled tokens (on the device) of
+        the same requests, in `out`'s order."""
+        where = {id(r): i for i, r in enumerate(after.reqs)}
+        rows = [where[id(c.request)] for c in out.chunks]
+        if rows == list(range(len(rows))):
+            return after.token_ids[:len(rows)]
+        index = torch.tensor(rows, dtype=torch.int64)
+        if self.device.type == "cuda":
+            index = index.pin_memory().to(self.device, non_blocking=True)
+        return after.token_ids.index_select(0, index)
+
+    def can_chain(self, step: "PendingStep") -> bool:
+        """Whether the step after `step` may be launched before `step`'s tokens are read: `step` is
+        a pure decode step whose rows draw without looking at their output so far."""
+        return (step.token_ids is not None and _is_decode(step.out)
+                and samples_without_history(step.reqs, self.cfg.vocab_size))
+
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> RunnerOutput:
-        graphed = self._graph_step(out)
+    def launch(self, out: SchedulerOutput, after: "PendingStep | None" = None) -> "PendingStep":
+        """Queue step `out` on the device, sampling included, without waiting for it. A step
+        scheduled ahead takes its input tokens from `after`, the step launched before it."""
+        device_ids = self._ids_after(out, after) if out.ahead else None
+        graphed = self._graph_step(out, device_ids)
         greedy = None
         if graphed is not None:
             logits, greedy = graphed
         else:
-            logits = self._eager_step(out)
+            logits = self._eager_step(out, device_ids)
         reqs = [c.request for c in out.chunks if c.samples]
+        step = PendingStep(out, reqs)
+        if not reqs:
+            return step
+        if self.capture_logits:
+            step.logits = logits.clone()
+        ahead = int(out.ahead)
+        if greedy is not None and plain_greedy(reqs, logits.shape[-1], ahead):
+            step.token_ids = greedy  # computed inside the graph
+        else:
+            step.sampled = self.sampler(logits, SamplingMetadata.build(reqs, logits.shape[-1], self.device, ahead))
+            step.token_ids = step.sampled.token_ids
+        if self.device.type == "cuda":  # start the copy home now; collect() waits for it
+            step.host_ids = torch.empty(len(reqs), dtype=torch.int64, pin_memory=True)
+            step.host_ids.copy_(step.token_ids, non_blocking=True)
+            step.ready = torch.cuda.Event()
+            step.ready.record()
+        else:
+            step.host_ids = step.token_ids
+        return step
+
+    def collect(self, step: "PendingStep") -> RunnerOutput:
+        """Wait for a launched step's sampled tokens (the step's one host synchronization)."""
+        reqs = step.reqs
         if not reqs:
             return RunnerOutput([], [])
-        if self.capture_logits:
-            self.last_logits = logits.clone()
-        if greedy is not None and plain_greedy(reqs, logits.shape[-1]):
-            sampled_ids = greedy  # computed inside the graph
-        else:
-            sampled = self.sampler(logits, SamplingMetadata.build(reqs, logits.shape[-1], self.device))
-            sampled_ids = sampled.token_ids
+        if step.logits is not None:
+            self.last_logits = step.logits
         self.sync_start = time.perf_counter()
-        token_ids = sampled_ids.tolist()  # the step's one host synchronization
+        if step.ready is not None:
+            step.ready.synchronize()
+        token_ids = step.host_ids.tolist()
         self.sync_end = time.perf_counter()
         logprobs: list[TokenLogprobs | None] = [None] * len(reqs)
+        sampled = step.sampled
         if any(r.params.logprobs is not None for r in reqs):
             chosen = sampled.logprobs.tolist()
             top_ids = sampled.top_ids.tolist() if sampled.top_ids is not None else None
@@ -220,3 +264,26 @@ class ModelRunner:
                 top = list(zip(top_ids[i][:k], top_lps[i][:k])) if k and top_ids else []
                 logprobs[i] = TokenLogprobs(chosen[i], top)
         return RunnerOutput(token_ids, logprobs)
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step to the end: launch, then collect."""
+        return self.collect(self.launch(out))
+
+
+def _is_decode(out: SchedulerOutput) -> bool:
+    """Every chunk is one token that samples."""
+    return all(c.num_new_tokens == 1 and c.samples for c in out.chunks)
+
+
+@dataclass
+class PendingStep:
+    """A launched step: its sampled tokens are on the device (`token_ids`) and on their way to the
+    host (`host_ids`, valid once `ready` has fired)."""
+
+    out: SchedulerOutput
+    reqs: list[Request]  # the rows that sample, in chunk order
+    token_ids: torch.Tensor | None = None
+    host_ids: torch.Tensor | None = None
+    ready: "torch.cuda.Event | None" = None
+    sampled: SamplerOutput | None = None
+    logits: torch.Tensor | None = None  # a copy, when the runner's capture_logits is on (tests)

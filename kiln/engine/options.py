@@ -28,3 +28,7 @@ class EngineOptions:
     # CUDA: replay decode steps from CUDA graphs captured at load, one per batch bucket of the
     # profile (False: every step runs eagerly, launching its kernels one by one).
     cuda_graphs: bool = True
+    # Launch the next decode step before reading this step's tokens, so the host's work for step
+    # N+1 (scheduling, inputs, token updates) overlaps the device running step N. None: on when
+    # CUDA graphs are (a GPU); on the CPU the host is the device, so there is nothing to overlap.
+    overlap_steps: bool | None = None

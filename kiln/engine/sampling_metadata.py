@@ -92,14 +92,31 @@ class _StaticRow:
         )
 
 
-def plain_greedy(rows: list[Request], vocab_size: int) -> bool:
+def _row(req: Request, vocab_size: int) -> _StaticRow:
+    row = req.sampling_row
+    if row is None or row.vocab_size != vocab_size:
+        row = req.sampling_row = _StaticRow.of(req, vocab_size)
+    return row
+
+
+def plain_greedy(rows: list[Request], vocab_size: int, ahead: int = 0) -> bool:
     """Whether every row just takes the argmax of its raw logits this step: greedy, no logprobs,
-    no penalties, no token suppressed (min_tokens)."""
+    no penalties, no token suppressed (min_tokens). `ahead`: the step is scheduled that many
+    tokens past the requests' host state (Scheduler.schedule_ahead)."""
     for req in rows:
-        row = req.sampling_row
-        if row is None or row.vocab_size != vocab_size:
-            row = req.sampling_row = _StaticRow.of(req, vocab_size)
-        if not row.greedy or row.nlp >= 0 or row.penalties or (row.suppress and req.num_output_tokens < row.min_tokens):
+        row = _row(req, vocab_size)
+        if not row.greedy or row.nlp >= 0 or row.penalties or (
+                row.suppress and req.num_output_tokens + ahead < row.min_tokens):
+            return False
+    return True
+
+
+def samples_without_history(rows: list[Request], vocab_size: int) -> bool:
+    """Whether the rows' next draws can be made before their previous tokens reach the host:
+    no penalties (they count the output so far) and no logprobs (read back with the tokens)."""
+    for req in rows:
+        row = _row(req, vocab_size)
+        if row.nlp >= 0 or row.penalties:
             return False
     return True
 
@@ -143,8 +160,10 @@ class SamplingMetadata:
     any_logprobs: bool
 
     @classmethod
-    def build(cls, rows: list[Request], vocab_size: int, device: torch.device | str) -> "SamplingMetadata":
-        """One row per request sampling this step. Host work only; copies are non-blocking."""
+    def build(cls, rows: list[Request], vocab_size: int, device: torch.device | str,
+              ahead: int = 0) -> "SamplingMetadata":
+        """One row per request sampling this step. Host work only; copies are non-blocking.
+        `ahead`: the step draws the token that many places past the requests' host state."""
         device = torch.device(device)
         pin = device.type == "cuda" and torch.cuda.is_available()
         V = vocab_size
@@ -161,9 +180,7 @@ class SamplingMetadata:
         any_top_k = any_top_p = any_min_p = any_greedy = any_pen = any_rep = any_lp = False
         all_greedy = all_sampling_top_k = True
         for req in rows:
-            row = req.sampling_row
-            if row is None or row.vocab_size != V:
-                row = req.sampling_row = _StaticRow.of(req, V)
+            row = _row(req, V)
             g = row.greedy
             any_greedy |= g
             all_greedy &= g
@@ -175,7 +192,7 @@ class SamplingMetadata:
                     all_sampling_top_k = False
                 any_top_p |= row.top_p_on
                 any_min_p |= row.min_p_on
-            step = req.num_output_tokens
+            step = req.num_output_tokens + ahead
             k1, k2 = row_keys(row.seed, step)
             if row.nlp >= 0:
                 any_lp = True

@@ -185,6 +185,44 @@ class Scheduler:
                 budget -= num_new
         return out
 
+    def schedule_ahead(self, prev: SchedulerOutput) -> SchedulerOutput | None:
+        """The decode step after `prev`, scheduled while `prev` still runs (its tokens unknown), so
+        the host prepares step N+1 during step N. Only when `prev` was a pure decode step of every
+        running request and the next normal step would be the same: each request that `prev`
+        cannot finish by length decodes one more token. None (schedule normally once `prev` is
+        folded in) when a waiting request could be admitted, or the blocks would run out
+        (schedule() preempts).
+
+        A request that `prev` finishes by a stop token still computes this step; update() drops
+        its token. Its write lands in a slot past its last computed token, in a block that no
+        prefix-cache entry covers, and stream order puts it before any later use of the block."""
+        cfg = self.config
+        if self.waiting and len(self.running) < cfg.max_num_seqs:
+            return None
+        chunks = prev.chunks
+        if not chunks or any(c.num_new_tokens != 1 or not c.samples for c in chunks):
+            return None
+        scheduled = {id(c.request) for c in chunks}
+        if any(id(r) not in scheduled for r in self.running):
+            return None
+        nxt: list[tuple[Request, int]] = []
+        need = 0
+        for c in chunks:
+            req = c.request
+            if req.status != RequestStatus.RUNNING:
+                continue  # finished or aborted since
+            if req.num_output_tokens + 1 >= req.params.max_tokens or req.num_tokens + 1 >= cfg.max_seq_len:
+                continue  # prev's token is its last
+            nxt.append((req, c.end))
+            need += max(0, self.kv.blocks_for_tokens(c.end + 1) - len(req.block_ids))
+        if not nxt or need > self.kv.pool.num_free:
+            return None
+        out = SchedulerOutput(ahead=True)
+        for req, start in nxt:
+            self.kv.allocate_slots(req, start + 1 - req.num_computed_tokens)
+            out.chunks.append(ScheduledChunk(req, start, 1))
+        return out
+
     def _gated(self, req: Request) -> bool:
         """An n>1 sibling waits until its leader's prompt is computed (and so cached)."""
         lead = req.prefill_leader

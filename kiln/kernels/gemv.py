@@ -16,6 +16,11 @@ that would otherwise each be a kernel launch of their own:
   its columns) and the squares of the new stream are accumulated into SS_OUT (one float32 atomic add
   per row and program) for the next NORM consumer. SS_OUT must be zeroed before the first producer.
 
+With 128 column tiles against a long K (down_proj: N = 4096, K = 11008), too few programs to keep
+every SM streaming, K is split (SPLIT_K programs per column tile): each split stores its float32
+partial, and the last to arrive (an atomic counter per tile, left at zero for the next launch) sums
+the partials in split order and runs the epilogue.
+
 The torch reference is `gemv_ref`; the model's small-batch decode path (kiln.model.llama) chains
 these calls so that a decoder layer is six launches: qkv, rope + cache write, attention, o_proj,
 gate_up + silu, down.
@@ -35,13 +40,14 @@ MAX_ROWS = 16  # tl.dot needs 16 rows: 2..16 rows are padded to 16 (masked, neve
 
 @triton.jit(do_not_specialize=["M"])  # one compiled variant for 2..16 rows
 def _gemv_kernel(
-    X, W, Bias, NW, SS_IN, R, SS_OUT, Y,
+    X, W, Bias, NW, SS_IN, R, SS_OUT, Y, WS, CNT,
     M, N, K, stride_xm, stride_rm, stride_ym, eps,
     NORM: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    IEEE: tl.constexpr,
+    SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rm = tl.arange(0, BLOCK_M)
@@ -59,7 +65,10 @@ def _gemv_kernel(
             acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     w_ptr = W + rn.to(tl.int64)[:, None] * K
     x_ptr = X + rm[:, None] * stride_xm
-    for k0 in range(0, K, BLOCK_K):
+    k_per = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K  # split pid_k takes K columns [k_lo, k_hi)
+    k_lo = pid_k * k_per
+    k_hi = tl.minimum(k_lo + k_per, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         w_mask = n_ok[:, None]
         x_mask = m_ok[:, None]
@@ -87,6 +96,19 @@ def _gemv_kernel(
         acc = tl.sum(acc_w, axis=1)[None, :]
         if GLU:
             acc_u = tl.sum(acc_wu, axis=1)[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K > 1:  # (not with GLU) each split stores its partial; the last to arrive sums them
+        ws = WS + rm[:, None] * N + rn[None, :]
+        tl.store(ws + pid_k * BLOCK_M * N, acc, mask=ok)
+        tl.debug_barrier()  # as in paged_decode: partials stored, then published by the release
+        last = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+        if last:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for sp in range(0, SPLIT_K):  # fixed order: the sum does not depend on arrival order
+                acc += tl.load(ws + sp * BLOCK_M * N, mask=ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(CNT + pid, 0, sem="relaxed", scope="gpu")
+        ok = tl.where(last, ok, False)  # only the last arrival runs the epilogue
+        m_ok = tl.where(last, m_ok, False)
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if GLU:
@@ -96,7 +118,6 @@ def _gemv_kernel(
         g = out.to(tl.float32)
         a = (g / (1.0 + tl.exp(-g))).to(dt)
         out = (a.to(tl.float32) * acc_u.to(dt).to(tl.float32)).to(dt)
-    ok = m_ok[:, None] & n_ok[None, :]
     if RESIDUAL:
         r_ptr = R + rm[:, None] * stride_rm + rn[None, :]
         s = (tl.load(r_ptr, mask=ok, other=0.0).to(tl.float32) + out.to(tl.float32)).to(dt)
@@ -107,9 +128,9 @@ def _gemv_kernel(
         tl.store(Y + rm[:, None] * stride_ym + rn[None, :], out.to(Y.dtype.element_ty), mask=ok)
 
 
-def _config(n: int, m: int, glu: bool, norm: bool, itemsize: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for m rows against n output columns,
-    chosen from the sweep of benchmarks/gpu_gemv.py on an H100 (Llama-2-7B shapes)."""
+def _config(n: int, k: int, m: int, glu: bool, norm: bool, itemsize: int) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages[, SPLIT_K]) for m rows against n output
+    columns, chosen from the sweep of benchmarks/gpu_gemv.py on an H100 (Llama-2-7B shapes)."""
     fma = m == 1 and norm  # one row to normalize: the FMA path skips 15 padding rows' prologue
     if itemsize == 4:  # float32 (tests): small tiles, or shared memory runs out
         return (1 if fma else MAX_ROWS), 16, 64, 4, 2
@@ -117,15 +138,30 @@ def _config(n: int, m: int, glu: bool, norm: bool, itemsize: int) -> tuple[int, 
         return (1, 8, 512, 4, 3) if glu else (1, 16, 256, 4, 3)
     if glu:  # two weight tiles (gate and up) per step
         return MAX_ROWS, 32, 128, 4, 3
+    if n <= 4096 and k > 2 * n:  # down_proj: 128 column tiles; two (four) splits of K fill the GPU
+        return (MAX_ROWS, 32, 256, 4, 3, 2) if m == 1 else (MAX_ROWS, 64, 256, 4, 3, 4)
     if n <= 4096:
-        return MAX_ROWS, 32, 512, 4, 3
+        return MAX_ROWS, 32, 256, 4, 5
     return MAX_ROWS, 64 if n >= 16384 else 32, 256, 4, 3
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per column tile, for split-K launches (each launch leaves them at
+    zero again); made once per device, before any CUDA-graph capture."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, ss_in: torch.Tensor | None = None, eps: float = 0.0,
          glu: bool = False, residual: torch.Tensor | None = None, ss_out: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: tuple[int, int, int, int, int] | None = None
+         out: torch.Tensor | None = None, config: tuple[int, ...] | None = None
          ) -> torch.Tensor | None:
     """y = f(x) @ weight^T (+ bias) for x [M <= 16, K] and a contiguous weight [N, K].
 
@@ -147,22 +183,30 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     y = None
     if residual is None:
         y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m, block_n, block_k, warps, stages = config or _config(n, m, glu, norm_weight is not None,
-                                                                  weight.element_size())
+    block_m, block_n, block_k, warps, stages, *split = config or _config(
+        n, k, m, glu, norm_weight is not None, weight.element_size())
+    split_k = split[0] if split else 1
+    if split_k > 1 and glu:
+        raise ValueError("split-K does not combine with the gate|up epilogue")
     dummy = weight
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    tiles = triton.cdiv(n, block_n)
+    ws = cnt = dummy
+    if split_k > 1:
+        ws = torch.empty(split_k * block_m * n, dtype=torch.float32, device=x.device)
+        cnt = _arrival_counters(x.device, tiles)
+    _gemv_kernel[(tiles, split_k)](
         x, weight, bias if bias is not None else dummy,
         norm_weight if norm_weight is not None else dummy,
         ss_in if ss_in is not None else dummy,
         residual if residual is not None else dummy,
         ss_out if ss_out is not None else dummy,
-        y if y is not None else dummy,
+        y if y is not None else dummy, ws, cnt,
         m, n, k, x.stride(0), residual.stride(0) if residual is not None else 0,
         y.stride(0) if y is not None else 0, eps,
         NORM=norm_weight is not None, GLU=glu, HAS_BIAS=bias is not None,
         RESIDUAL=residual is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        IEEE=weight.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        SPLIT_K=split_k, IEEE=weight.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )
     return y
 

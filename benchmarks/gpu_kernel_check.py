@@ -1,30 +1,29 @@
 """Correctness check of every Triton kernel in kiln/kernels against an independent torch reference,
 for a GPU benchmark to run before it times anything (on a CPU through Triton's interpreter).
 
-Cases: rms_norm (+/- fused residual add), silu_mul, rope_and_cache (strided q/k/v views of a fused
-qkv tensor, as the model passes them), embed_rows, paged_decode_attention, paged_prefill_attention,
-gemv (RMSNorm prologue + bias, gate|up SiLU epilogue, residual epilogue, float32 out, plain). Ragged
-context lengths on and next to 16-token block boundaries up to 2000 (several decode splits), batches
-mixing a fresh prompt, a chunk with prior context, a prefix-hit tail and decodes, GQA ratios 1, 4, 8,
-head dims 64 and 128, 7B widths (under the interpreter gemv's output width is capped at 1000).
+Cases: rms_norm (+/- residual add), silu_mul, rope_and_cache (strided q/k/v views of a fused qkv
+tensor, as the model passes them), embed_rows, paged_decode_attention, paged_prefill_attention and
+gemv (RMSNorm prologue + bias, gate|up SiLU epilogue, residual epilogue, float32 out, plain), over
+ragged context lengths on and next to 16-token block boundaries up to 2000 (several decode splits),
+batches mixing a fresh prompt, a chunk with prior context, a prefix-hit tail and decodes, GQA ratios
+1, 4, 8, head dims 64 and 128, 7B widths (gemv's N capped at 1000 under the interpreter, for time).
 References: float64 from the same inputs, rounded to the model dtype only where the model's torch
-path rounds. bfloat16 needs a GPU: the interpreter truncates float32 -> bfloat16 and its bfloat16
-tl.dot multiplies bit patterns (triton-lang/triton#11584).
+path rounds. bfloat16 needs a GPU (the interpreter truncates casts to bfloat16 and its bfloat16
+tl.dot multiplies bit patterns, triton-lang/triton#11584).
 
-A case is ok when max|out - ref| / max|ref| (worst output) <= tol, no output is NaN/inf and every
-output element was written. "Written" is checked with a marker NaN bit pattern: while a kernel runs,
-torch.empty/empty_like (how every wrapper allocates outputs and scratch) return marker-filled
-tensors, and buffers a kernel is handed to write (embed_rows' ss, gemv's out) are filled with it
-first; elements still holding it afterwards were never written ("unwritten"). This works on CPU too,
-whatever memory the CUDA caching allocator hands out. KV caches hold the marker outside the context
-slots: attention must not read it (else NaN); rope_and_cache must write exactly its slot_mapping
-slots ("stray": elements changed elsewhere).
+A case is ok when max|out - ref| / max|ref| (worst output) <= tol, no output is NaN/inf, every output
+element was written and (decode, gemv) a second call gives the same bits (counters reset). Written:
+while a kernel runs, torch.empty/empty_like (how every wrapper allocates outputs and scratch) return
+tensors filled with a marker NaN bit pattern, as are buffers handed in to be written (embed_rows'
+ss, gemv's out); elements still holding it afterwards were never written ("unwritten"). Unlike
+poisoning the CUDA caching allocator this also works on a CPU. KV caches hold the marker outside the
+context slots: attention must not read it (else NaN), and rope_and_cache must write exactly its
+slot_mapping slots ("stray": elements changed elsewhere).
 
 Usage: python benchmarks/gpu_kernel_check.py [--device cuda] [--dtype float16|bfloat16|float32]
-         [--quick] [--json OUT]   (exit status 1 if a case fails)
-  CPU: python benchmarks/gpu_kernel_check.py --device cpu --dtype float32 --quick
-  From a script: run_checks("cuda", torch.float16)["all_ok"] (on a CPU, TRITON_INTERPRET=1 must be
-  set before kiln.kernels is first imported; run_checks sets it, in time unless already imported).
+       [--quick] [--json OUT]; exit status 1 if a case fails. On a CPU: --device cpu --dtype float32.
+From a script: run_checks("cuda", torch.float16)["all_ok"]; on a CPU, TRITON_INTERPRET=1 must be set
+before kiln.kernels is first imported (run_checks sets it, in time unless already imported).
 """
 
 from __future__ import annotations
@@ -158,6 +157,7 @@ def c_rope(dev, dt, gen, heads, kvh, d, seq_lens, q_lens):
     with poisoned():
         qo = rope_and_cache(qd, kd, vd, cs.to(dev), kc, vc, slots.to(torch.int32).to(dev))
     c, s, h = cs.double()[:, None, :d // 2], cs.double()[:, None, d // 2:], d // 2
+
     def rot(x):
         return torch.cat([x[..., :h] * c - x[..., h:] * s, x[..., h:] * c + x[..., :h] * s], -1)
     kf, vf = kc.cpu().view(-1, kvh, d), vc.cpu().view(-1, kvh, d)
@@ -177,12 +177,17 @@ def c_attn(dev, dt, gen, heads, kvh, d, seq_lens, q_lens=None, window=None):
     q, sl = rand(gen, sum(ql), heads, d, dt=dt), torch.tensor(seq_lens, dtype=torch.int32)
     tiles = [torch.from_numpy(a) for a in prefill_tiles(np.array(ql))]
     qs = torch.tensor([0, *np.cumsum(ql).tolist()], dtype=torch.int32)
-    with poisoned():
-        if q_lens is None:
-            o = paged_decode_attention(*(x.to(dev) for x in (q, kc, vc, bt, sl)), d ** -0.5)
-        else:
-            o = paged_prefill_attention(*(x.to(dev) for x in (q, kc, vc, bt, sl, qs, *tiles)), d ** -0.5, window)
-    return [(o, attention_ref(q, kc, vc, bt, seq_lens, ql, d ** -0.5, window))], 0
+    args = [x.to(dev) for x in (q, kc, vc, bt, sl, qs, *tiles)]
+
+    def call():
+        with poisoned():
+            if q_lens is None:
+                return paged_decode_attention(*args[:5], d ** -0.5)
+            return paged_prefill_attention(*args, d ** -0.5, window)
+    o = call()
+    again = call() if q_lens is None else o  # the split merge's arrival counters must be reset
+    note = "" if torch.equal(o, again) else "a second call differs"
+    return [(o, attention_ref(q, kc, vc, bt, seq_lens, ql, d ** -0.5, window))], 0, note
 
 
 def c_gemv(dev, dt, gen, m, n, k, mode):
@@ -197,12 +202,18 @@ def c_gemv(dev, dt, gen, m, n, k, mode):
     ss_in = x.float().pow(2).sum(-1) if norm else None
     r = rand(gen, m, n, scale=2.0, dt=dt) if mode == "res" else None
     ss_out = torch.full((m,), 5.0) if mode == "res" else None  # accumulated into
-    out = poison_(torch.empty(m, n, dtype=torch.float32)).to(dev) if mode == "out32" else None
-    to = lambda t: None if t is None else t.to(dev)  # noqa: E731
-    r_d, ss_d = to(r.clone() if r is not None else None), to(ss_out)  # updated in place
-    with poisoned():
-        y = gemv(to(x), to(w), to(bias), norm_weight=to(nw), ss_in=to(ss_in), eps=eps, glu=glu,
-                 residual=r_d, ss_out=ss_d, out=out)
+    xd, wd, bd, nwd, ssd = (None if t is None else t.to(dev) for t in (x, w, bias, nw, ss_in))
+
+    def call():  # -> (output, residual stream, its sums of squares)
+        out = poison_(torch.empty(m, n, dtype=torch.float32)).to(dev) if mode == "out32" else None
+        r_d, ss_d = (None if t is None else t.clone().to(dev) for t in (r, ss_out))  # updated in place
+        with poisoned():
+            y = gemv(xd, wd, bd, norm_weight=nwd, ss_in=ssd, eps=eps, glu=glu, residual=r_d, ss_out=ss_d,
+                     out=out)
+        return (out if mode == "out32" else y), r_d, ss_d
+    (y, r_d, ss_d), again = call(), call()  # split-K's arrival counters must be reset
+    same = torch.equal(r_d, again[1]) if mode == "res" else torch.equal(y, again[0])
+    note = "" if same else "a second call differs"
     xr = x.double()
     if norm:
         xr = rd(rd(xr * torch.rsqrt(ss_in.double() / k + eps)[:, None], dt) * nw.double(), dt)
@@ -213,8 +224,8 @@ def c_gemv(dev, dt, gen, m, n, k, mode):
     ref = rd(ref, dt)
     if mode == "res":
         s_ref = rd(r.double() + ref, dt)
-        return [(r_d, s_ref), (ss_d, s_ref.pow(2).sum(-1) + 5.0)], 0
-    return [(out if mode == "out32" else y, ref)], 0
+        return [(r_d, s_ref), (ss_d, s_ref.pow(2).sum(-1) + 5.0)], 0, note
+    return [(y, ref)], 0, note
 
 
 def c_embed(dev, dt, gen, vocab, n, ids):
@@ -230,7 +241,8 @@ def c_embed(dev, dt, gen, vocab, n, ids):
 def cases(quick: bool, interp: bool):
     """(kernel, builder, args) of each case."""
     heads = [(8, 8, 64), (32, 32, 128), (32, 8, 128), (32, 4, 128), (16, 2, 64)]  # GQA 1, 1, 4, 8, 8
-    ragged = [1, 15, 16, 17, 2000] + torch.randint(1, 300, (32,), generator=torch.Generator().manual_seed(1)).tolist()
+    g1 = torch.Generator().manual_seed(1)
+    ragged = [1, 15, 16, 17, 2000] + torch.randint(1, 300, (32,), generator=g1).tolist()
     rope_mix = ([37, 20, 16, 17, 2000], [37, 7, 1, 1, 1])  # prompt, chunk over a boundary, decodes
     pre_mix = ([100, 130, 70, 17, 300], [100, 66, 6, 1, 300])  # prompt, chunk, prefix-hit tail, decode
     cap = (lambda n: min(n, 1000)) if interp else (lambda n: n)
@@ -251,7 +263,8 @@ def cases(quick: bool, interp: bool):
         out += [("silu_mul", (r, 11008)) for r in (1, 33, 256)]
         out += [("rope_and_cache", (*h, *rope_mix)) for h in heads]
         out += [("paged_decode", (*h, sl)) for h in heads for sl in ([2000], ragged)]
-        out += [("paged_prefill", (*h, *pre_mix)) for h in heads] + [("paged_prefill", (32, 8, 128, *pre_mix, 40))]
+        out += [("paged_prefill", (*h, *pre_mix)) for h in heads]
+        out += [("paged_prefill", (32, 8, 128, *pre_mix, 40))]  # a sliding window (Mistral)
         out += [("gemv", (m, cap(n), k, mode)) for mode, n, k, rows in gemvs for m in rows]
         out += [("embed_rows", (1000, 4096, ids)) for ids in ([999], [5, 0, 999, 5] * 4)]
     build = {"rms_norm": c_rms, "silu_mul": c_silu, "rope_and_cache": c_rope, "paged_decode": c_attn,
@@ -298,7 +311,8 @@ def run_checks(device: str = "cuda", dtype=torch.float16, quick: bool = False) -
     for i, (kernel, fn, args) in enumerate(cases(quick, os.environ.get("TRITON_INTERPRET") == "1")):
         shape, pairs, stray, note = shape_str(kernel, args), [], 0, ""
         try:
-            pairs, stray = fn(dev, dtype, torch.Generator().manual_seed(100 + i), *args)
+            pairs, stray, *rest = fn(dev, dtype, torch.Generator().manual_seed(100 + i), *args)
+            note = rest[0] if rest else ""
         except Exception as e:  # a case that cannot run fails; the others still run
             note = f"{type(e).__name__}: {e}"[:300]
         results.append(summarize(kernel, shape, dtype, pairs, stray, note))

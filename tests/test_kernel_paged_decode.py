@@ -59,12 +59,13 @@ CASES = [  # (seq_lens, heads, kv_heads, head_dim)
 
 @pytest.mark.parametrize("seq_lens,heads,kv_heads,d", CASES)
 @pytest.mark.parametrize("splits", [1, 3, None])
-def test_matches_reference(seq_lens, heads, kv_heads, d, splits):
+@pytest.mark.parametrize("min_split", [1, 20])  # 20: the shorter contexts use fewer splits
+def test_matches_reference(seq_lens, heads, kv_heads, d, splits, min_split):
     dtype = torch.float32 if DEVICE == "cpu" else torch.float16
     q, kc, vc, bt, sl = make(seq_lens, heads, kv_heads, d, dtype)
     want = reference(q, kc, vc, bt, sl, d ** -0.5)
     got = paged_decode_attention(q.to(DEVICE), kc.to(DEVICE), vc.to(DEVICE), bt.to(DEVICE), sl.to(DEVICE),
-                                 d ** -0.5, num_splits=splits).cpu()
+                                 d ** -0.5, num_splits=splits, min_split_tokens=min_split).cpu()
     assert got.shape == q.shape and got.dtype == q.dtype and torch.isfinite(got).all()
     tol = 1e-4 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
@@ -98,7 +99,7 @@ def test_split_merge_leaves_its_arrival_counters_at_zero():
 
     dtype = torch.float32 if DEVICE == "cpu" else torch.float16
     q, kc, vc, bt, sl = (t.to(DEVICE) for t in make([70, 9, 33], 8, 2, 64, dtype, seed=3))
-    first = paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=4)
+    first = paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=4, min_split_tokens=8)
     assert not _arrival_counters(q.device, 0).any()
-    again = paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=4)
+    again = paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=4, min_split_tokens=8)
     assert torch.equal(first, again)

@@ -1,0 +1,105 @@
+"""Paged decode attention on the GPU: a config sweep of kiln's kernel (kiln/kernels/paged_decode.py) on
+the llama-2-7b shape (32 heads, 32 KV heads, head dim 128, blocks of 16), with the KV bandwidth it
+reaches, and a check of each result against SDPA on the gathered context.
+
+Cases are (batch, context): batch 1 at a short and a long context (the split count and the
+shortest split matter), batches 64 and 256 at short contexts (KV bandwidth). Each timing is a CUDA
+graph of 8 launches over 8 different caches (no launch finds its KV in L2), replayed 20 times.
+
+Usage: python benchmarks/gpu_decode_attention.py [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+import torch.nn.functional as F
+
+from kiln.kernels.paged_decode import paged_decode_attention
+
+HEADS, KVH, D, BS = 32, 32, 128, 16
+CASES = [(1, 192), (1, 2048), (64, 192), (256, 192), (256, 320)]
+COPIES, REPLAYS = 8, 20
+
+
+def timed(fn) -> float:
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for i in range(COPIES):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(COPIES):
+            fn(i)
+    g.replay()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(REPLAYS):
+        g.replay()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / (REPLAYS * COPIES)
+
+
+def reference(q, kc, vc, bt, n) -> torch.Tensor:
+    out = []
+    for i in range(q.shape[0]):
+        blocks = bt[i, : -(-n // BS)]
+        k = kc[blocks].reshape(-1, KVH, D)[:n].transpose(0, 1)
+        v = vc[blocks].reshape(-1, KVH, D)[:n].transpose(0, 1)
+        out.append(F.scaled_dot_product_attention(q[i][:, None], k, v, scale=D ** -0.5)[:, 0])
+    return torch.stack(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    configs = [None] + list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)))
+    res: dict = {}
+    for b, n in CASES:
+        width = 256  # the graphs' block-table width (max_seq_len 4096 / 16)
+        nb = b * -(-n // BS) + 1
+        kcs = [torch.randn(nb, BS, KVH, D, device=dev, dtype=torch.float16) for _ in range(COPIES)]
+        vcs = [torch.randn(nb, BS, KVH, D, device=dev, dtype=torch.float16) for _ in range(COPIES)]
+        bt = torch.zeros(b, width, dtype=torch.int32, device=dev)
+        bt[:, : -(-n // BS)] = (torch.randperm(nb - 1, device=dev)[: b * -(-n // BS)] + 1).view(b, -1).int()
+        sl = torch.full((b,), n, dtype=torch.int32, device=dev)
+        q = torch.randn(b, HEADS, D, device=dev, dtype=torch.float16)
+        gbytes = b * n * KVH * D * 2 * 2 / 1e9
+        ref = reference(q, kcs[0], vcs[0], bt, n)
+        row: dict = {}
+        splits_opts = [256, 128, 64] if b == 1 else [256]
+        for cfg, ms in itertools.product(configs, splits_opts):
+            key = f"{cfg}/min{ms}"
+            try:
+                fn = lambda i: paged_decode_attention(q, kcs[i], vcs[i], bt, sl, D ** -0.5,  # noqa: E731
+                                                       min_split_tokens=ms, config=cfg)
+                got = fn(0)
+                err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+                t = timed(fn)
+                row[key] = {"us": round(t * 1e6, 2), "tb_s": round(gbytes / t / 1e3, 3), "rel_err": err,
+                            "finite": bool(torch.isfinite(got).all())}
+            except Exception as e:  # a config that does not compile (shared memory) is skipped
+                row[key] = repr(e)[:100]
+        ok = {k: v for k, v in row.items() if isinstance(v, dict)}
+        best = sorted(ok.items(), key=lambda kv: kv[1]["us"])[:5]
+        print(f"b={b} ctx={n}: default {row.get('None/min256')} best {best}", flush=True)
+        res[f"b{b}_ctx{n}"] = row
+        del kcs, vcs
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,37 +14,19 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from kiln.kernels.paged_decode import paged_decode_attention
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_gemv import COPIES, timed  # noqa: E402  (a CUDA graph of 8 launches over 8 copies, 20 replays)
+
 HEADS, KVH, D, BS = 32, 32, 128, 16
 CASES = [(1, 192), (1, 2048), (64, 192), (256, 192), (256, 320)]
-COPIES, REPLAYS = 8, 20
-
-
-def timed(fn) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(COPIES):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(COPIES):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(REPLAYS):
-        g.replay()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) / 1e3 / (REPLAYS * COPIES)
 
 
 def reference(q, kc, vc, bt, n) -> torch.Tensor:
@@ -94,7 +76,7 @@ def main() -> None:
         best = sorted(ok.items(), key=lambda kv: kv[1]["us"])[:5]
         print(f"b={b} ctx={n}: default {row.get('None/min256')} best {best}", flush=True)
         res[f"b{b}_ctx{n}"] = row
-        del kcs, vcs
+        kcs = vcs = None  # free this case's caches before the next
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

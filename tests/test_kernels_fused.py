@@ -71,16 +71,21 @@ ROPE_CASES = [  # (tokens, heads, kv_heads, head_dim)
 ]
 
 
-@pytest.mark.parametrize("t,heads,kv_heads,d", ROPE_CASES)
-def test_rope_and_cache(t, heads, kv_heads, d):
-    """Views of one fused qkv row, as the model passes them; slots scattered over shuffled blocks."""
+def qkv_views(t, heads, kv_heads, d, seed):
+    """q, k, v as views of one fused qkv row (as the model passes them) and a random cos|sin table."""
     q_size, kv_size = heads * d, kv_heads * d
-    qkv = rand(t, q_size + 2 * kv_size, seed=7)
+    qkv = rand(t, q_size + 2 * kv_size, seed=seed)
     q = qkv[:, :q_size].view(t, heads, d)
     k = qkv[:, q_size:q_size + kv_size].view(t, kv_heads, d)
     v = qkv[:, q_size + kv_size:].view(t, kv_heads, d)
-    angles = torch.rand(t, d // 2, generator=torch.Generator().manual_seed(8)) * 6.3
-    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(DEVICE)
+    angles = torch.rand(t, d // 2, generator=torch.Generator().manual_seed(seed + 1)) * 6.3
+    return q, k, v, torch.cat([angles.cos(), angles.sin()], -1).to(DEVICE)
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,d", ROPE_CASES)
+def test_rope_and_cache(t, heads, kv_heads, d):
+    """Views of one fused qkv row, as the model passes them; slots scattered over shuffled blocks."""
+    q, k, v, cos_sin = qkv_views(t, heads, kv_heads, d, seed=7)
     num_blocks = 8
     g = torch.Generator().manual_seed(9)
     slots = torch.randperm(num_blocks * BS, generator=g)[:t].to(DEVICE)
@@ -103,13 +108,7 @@ def test_rope_and_cache(t, heads, kv_heads, d):
 def test_rope_and_cache_with_rotated_keys(t, heads, kv_heads, d):
     """with_k: the rotated keys come back too (what a fresh prompt's attention runs on), equal to
     the keys written to the cache."""
-    q_size, kv_size = heads * d, kv_heads * d
-    qkv = rand(t, q_size + 2 * kv_size, seed=12)
-    q = qkv[:, :q_size].view(t, heads, d)
-    k = qkv[:, q_size:q_size + kv_size].view(t, kv_heads, d)
-    v = qkv[:, q_size + kv_size:].view(t, kv_heads, d)
-    angles = torch.rand(t, d // 2, generator=torch.Generator().manual_seed(13)) * 6.3
-    cos_sin = torch.cat([angles.cos(), angles.sin()], -1).to(DEVICE)
+    q, k, v, cos_sin = qkv_views(t, heads, kv_heads, d, seed=12)
     slots = torch.arange(3, 3 + t).to(DEVICE)
     kc, vc = (torch.zeros(4, BS, kv_heads, d, dtype=DTYPE, device=DEVICE) for _ in range(2))
     got_q, got_k = rope_and_cache(q, k, v, cos_sin, kc, vc, slots, with_k=True)

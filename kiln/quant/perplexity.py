@@ -1,0 +1,61 @@
+"""Perplexity of an engine on token windows: the accuracy gate's measure and `kiln eval ppl`'s.
+
+Each window is one forward pass from position 0 (the engine's own model, kernels and KV pool),
+with logits for every position: the mean negative log-likelihood of tokens 1..n-1 given the ones
+before, over all windows; perplexity is its exp. The engine must be idle: the pass borrows blocks
+from its pool and gives them back.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kiln.engine.core import EngineCore
+from kiln.engine.input_batch import ChunkSpec, prepare_inputs
+from kiln.model.attention import attention_context
+
+LOGIT_ROWS = 128  # rows of logits materialized at once ([rows, vocab] float32)
+
+
+@torch.inference_mode()
+def window_nll(core: EngineCore, tokens: list[int]) -> tuple[float, int]:
+    """(sum of -log p(token_i | tokens_<i) for i >= 1, number of predicted tokens) of one window."""
+    runner, pool = core.runner, core.scheduler.kv.pool
+    if len(tokens) < 2:
+        return 0.0, 0
+    if len(tokens) > core.manifest.profile.max_seq_len:
+        raise ValueError(f"window of {len(tokens)} tokens exceeds the engine's max_seq_len "
+                         f"{core.manifest.profile.max_seq_len}")
+    need = -(-len(tokens) // runner.block_size)
+    if core.has_unfinished() or pool.num_free < need:
+        raise RuntimeError("perplexity needs an idle engine with a free KV block per "
+                           f"{runner.block_size} tokens of the window")
+    blocks = pool.allocate(need)
+    try:
+        inputs = prepare_inputs([ChunkSpec(tokens, 0, blocks)], runner.block_size, runner.device,
+                                runner.cfg.sliding_window, runner.staging)
+        with attention_context(inputs.attn):
+            hidden = runner.model(inputs.input_ids, inputs.positions, runner.rope_table, runner.kv_caches)
+        targets = torch.tensor(tokens[1:], device=hidden.device)
+        total = 0.0
+        for r0 in range(0, len(tokens) - 1, LOGIT_ROWS):
+            r1 = min(r0 + LOGIT_ROWS, len(tokens) - 1)
+            logp = torch.log_softmax(runner.model.compute_logits(hidden[r0:r1]), dim=-1)
+            total -= logp.gather(1, targets[r0:r1, None]).sum().item()
+        return total, len(tokens) - 1
+    finally:
+        pool.free(blocks)
+
+
+def perplexity(core: EngineCore, windows: list[list[int]]) -> dict:
+    """{"ppl", "nll" (mean per token), "tokens" (predicted), "windows"} over all windows."""
+    nll = n = 0
+    for w in windows:
+        s, k = window_nll(core, w)
+        nll += s
+        n += k
+    if n == 0:
+        raise ValueError("no tokens to score: give windows of at least 2 tokens")
+    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, "windows": len(windows)}

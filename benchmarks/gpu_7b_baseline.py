@@ -23,6 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_smoke import kiln_decode  # noqa: E402
 
 
+
+def profiled_step(llm, activities) -> tuple:
+    """Profile one engine step (until the GPU is done), then finish what is still running.
+    Returns (profiler, wall seconds of the step). With overlapped steps, the kernels inside the
+    window are those of the step that this call launches ahead (one decode step's worth)."""
+    from torch.profiler import profile
+
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        llm.core.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    for _ in llm.stream():
+        pass
+    return prof, wall
+
 def copy_bandwidth() -> float:
     x = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -53,15 +69,9 @@ def profile_step(llm) -> dict:
     llm.core.step()
     llm.core.step()
     torch.cuda.synchronize()
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        llm.core.step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    for _ in llm.stream():
-        pass
+    prof, wall = profiled_step(llm, [ProfilerActivity.CPU, ProfilerActivity.CUDA])
     from torch.autograd import DeviceType
 
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_7b_baseline import copy_bandwidth  # noqa: E402
+from gpu_7b_baseline import copy_bandwidth, profiled_step  # noqa: E402
 
 BUILD = ["--dummy", "llama-2-7b", "--dtype", "float16", "--device", "cuda", "--max-batch-size", "256",
          "--max-num-tokens", "8192", "--no-progress"]
@@ -53,21 +53,6 @@ def environment() -> dict:
             "transformers": transformers.__version__, "date": datetime.date.today().isoformat()}
 
 
-def _profiled_step(llm, activities) -> tuple:
-    """Profile one engine step (until the GPU is done), then finish what is still running.
-    Returns (profiler, wall seconds of the step)."""
-    from torch.profiler import profile
-
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        llm.core.step()
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - t0
-    for _ in llm.stream():
-        pass
-    return prof, wall
-
-
 def profile_decode_step(llm, batch: int, context: int) -> dict:
     """One decode step of `batch` sequences at about `context` tokens, under torch.profiler."""
     from torch.autograd import DeviceType
@@ -82,7 +67,7 @@ def profile_decode_step(llm, batch: int, context: int) -> dict:
         core.step()  # prefills
     core.step()
     torch.cuda.synchronize()
-    prof, wall = _profiled_step(llm, [ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof, wall = profiled_step(llm, [ProfilerActivity.CPU, ProfilerActivity.CUDA])
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     by_name: dict[str, list[float]] = {}
     for e in kernels:
@@ -117,7 +102,7 @@ def profile_prefill_host(llm, prompt_len: int) -> dict:
     core = llm.core
     llm.add_request(random_prompts(core.manifest.model.vocab_size, 1, prompt_len, 777)[0], _params(1),
                     request_id="prof-prefill")
-    prof, wall = _profiled_step(llm, [ProfilerActivity.CPU])
+    prof, wall = profiled_step(llm, [ProfilerActivity.CPU])
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:12]
     return {"wall_ms": round(wall * 1e3, 3),
             "top_self_cpu": [{"name": e.key[:70], "ms": round(e.self_cpu_time_total / 1e3, 3), "count": e.count}

@@ -27,6 +27,7 @@ A short prompt's prefill is otherwise bound by launching ~300 kernels from Pytho
 
 from __future__ import annotations
 
+import abc
 import time
 from typing import Sequence
 
@@ -64,7 +65,7 @@ class _Staging:
         self._copied.record()
 
 
-class _BucketGraphs:
+class _BucketGraphs(abc.ABC):
     """What both graph sets share: one staging buffer sized for the largest bucket, one graph per
     key (a bucket, or a bucket and a variant) captured at load, and the replay of a step padded up
     to its bucket. A subclass gives `_size` (int32s of a key's inputs), `_fill` (write a step into
@@ -89,14 +90,17 @@ class _BucketGraphs:
     def _keys(self) -> list:
         return list(self.buckets)
 
-    def _size(self, b: int) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _size(self, key) -> int:
+        """int32s of this key's inputs in the staging buffer."""
 
-    def _fill(self, b: int, *step) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _fill(self, key, *step) -> None:
+        """Write one step into the staging buffer in this key's layout."""
 
-    def _forward(self, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _forward(self, key) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured work over the staged inputs: (logits, argmax)."""
 
     @torch.inference_mode()
     def capture(self, pool=None) -> float:

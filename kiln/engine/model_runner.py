@@ -169,7 +169,7 @@ class ModelRunner:
             if c.end - c.start > self.prefill_graphs.max_tokens:
                 return None
             return self.prefill_graphs.run(_tokens(c.request, c.start, c.end), c.start, c.request.block_ids)
-        if len(chunks) > self.graphs.max_batch or not _is_decode(out):
+        if len(chunks) > self.graphs.max_batch or not out.is_decode:
             return None
         ids = [0] * len(chunks) if device_ids is not None else [
             _tokens(c.request, c.start, c.end)[0] for c in chunks]
@@ -204,7 +204,7 @@ class ModelRunner:
     def can_chain(self, step: "PendingStep") -> bool:
         """Whether the step after `step` may be launched before `step`'s tokens are read: `step` is
         a pure decode step whose rows draw without looking at their output so far."""
-        return (step.token_ids is not None and _is_decode(step.out)
+        return (step.token_ids is not None and step.out.is_decode
                 and samples_without_history(step.reqs, self.cfg.vocab_size))
 
     @torch.inference_mode()
@@ -268,11 +268,6 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run one step to the end: launch, then collect."""
         return self.collect(self.launch(out))
-
-
-def _is_decode(out: SchedulerOutput) -> bool:
-    """Every chunk is one token that samples."""
-    return all(c.num_new_tokens == 1 and c.samples for c in out.chunks)
 
 
 @dataclass

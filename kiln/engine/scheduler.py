@@ -199,9 +199,9 @@ class Scheduler:
         cfg = self.config
         if self.waiting and len(self.running) < cfg.max_num_seqs:
             return None
-        chunks = prev.chunks
-        if not chunks or any(c.num_new_tokens != 1 or not c.samples for c in chunks):
+        if not prev.is_decode:
             return None
+        chunks = prev.chunks
         scheduled = {id(c.request) for c in chunks}
         if any(id(r) not in scheduled for r in self.running):
             return None

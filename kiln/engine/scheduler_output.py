@@ -41,3 +41,8 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.chunks
+
+    @property
+    def is_decode(self) -> bool:
+        """A pure decode step: every chunk is one token that samples."""
+        return bool(self.chunks) and all(c.num_new_tokens == 1 and c.samples for c in self.chunks)

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.arrival import arrival_counters
 from kiln.kernels.paged_tile import dot
 
 MAX_ROWS = 16  # tl.dot needs 16 rows: 2..16 rows are padded to 16 (masked, never stored); one row
@@ -145,17 +146,9 @@ def _config(n: int, k: int, m: int, glu: bool, norm: bool, itemsize: int) -> tup
     return MAX_ROWS, 64 if n >= 16384 else 32, 256, 4, 3
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
 def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per column tile, for split-K launches (each launch leaves them at
-    zero again); made once per device, before any CUDA-graph capture."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 14), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    """One counter per column tile, for split-K launches (kiln.kernels.arrival)."""
+    return arrival_counters("gemv", device, n, 1 << 14)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.arrival import arrival_counters
 from kiln.kernels.paged_tile import check_paged, dot, load_tile, online_softmax_step, tile_slots
 
 
@@ -107,17 +108,9 @@ def _decode_split_kernel(
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
 def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per (sequence, kv head), kept between launches (each launch
-    leaves them at zero again); made once per device, before any CUDA-graph capture."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+    """One counter per (sequence, kv head), for the split merge (kiln.kernels.arrival)."""
+    return arrival_counters("paged_decode", device, n, 1 << 16)
 
 
 TILE_TOKENS = 64  # context tokens per inner iteration (several cache blocks)

@@ -79,6 +79,13 @@ class EngineManifest:
         return _dtype_tables()["DTYPES"][self.dtype_str]
 
     @property
+    def quant_scheme(self):
+        """The engine's kiln.quant.recipe.QuantScheme, or None when unquantized."""
+        from kiln.quant.recipe import QuantScheme
+
+        return QuantScheme.from_manifest(self.quant)
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path / self.tokenizer["file"]
 
@@ -224,8 +231,10 @@ def read_manifest(engine_dir: str | os.PathLike) -> EngineManifest:
         raise
     except (KilnError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise EngineLoadError(f"{mpath}: malformed manifest ({_one_line(e)})") from None
-    if m.quant is not None:
-        raise EngineLoadError(f"{mpath}: quantized engines ({m.quant!r}) are not supported")
+    try:
+        m.quant_scheme
+    except ValueError as e:
+        raise EngineLoadError(f"{mpath}: {e}; rebuild the engine or upgrade kiln") from None
     for p in m.weight_paths:
         if not p.is_file():
             raise EngineLoadError(f"engine weight file missing: {p}; rebuild the engine")
@@ -310,11 +319,15 @@ def load_weights(
     if check_layout:
         from kiln.model.layout import runtime_layout
 
-        expected = runtime_layout(manifest.model)
+        expected = runtime_layout(manifest.model, manifest.quant_scheme)
         for spec in expected:
             t = tensors.get(spec.name)
             if t is None:
                 raise EngineLoadError(f"engine is missing tensor {spec.name}; rebuild the engine")
+            want = spec.dtype or manifest.dtype_str
+            if dtype_name(t.dtype) != want:
+                raise EngineLoadError(f"engine tensor {spec.name} is {dtype_name(t.dtype)}, expected {want}; "
+                                      "rebuild the engine")
             if tuple(t.shape) != spec.shape:
                 raise EngineLoadError(
                     f"engine tensor {spec.name} has shape {tuple(t.shape)}, expected {spec.shape}; "

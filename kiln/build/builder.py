@@ -17,7 +17,7 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import torch
 
@@ -36,6 +36,9 @@ from kiln.errors import BuildError
 from kiln.model.layout import WeightSpec, runtime_layout
 from kiln.version import __version__
 from kiln.weight_integrity import WeightHasher
+
+if TYPE_CHECKING:
+    from kiln.quant.build import QuantOptions
 
 DTYPE_CHOICES = ("auto", *DTYPES)
 
@@ -133,6 +136,32 @@ def _write_tensor(f: BinaryIO, h: Any, t: torch.Tensor) -> int:
     return len(mv)
 
 
+def write_weights(path: Path, specs: list[WeightSpec], dtype: torch.dtype, tensors, progress: bool,
+                  desc: str) -> dict[str, Any]:
+    """Stream `tensors` (one per spec, in order; a spec's own dtype, else `dtype`) into a
+    safetensors file at `path`, fsync it, and return its manifest entry (size and sha256)."""
+    from tqdm import tqdm
+
+    dtypes = DTYPES | {"float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8}
+    want = [dtypes[s.dtype] if s.dtype else dtype for s in specs]
+    header = safetensors_header([(s.name, d, s.shape) for s, d in zip(specs, want)])
+    sha = WeightHasher()
+    bar = tqdm(total=len(specs), desc=desc, unit="tensor", file=sys.stderr, disable=not progress)
+    with open(path, "wb") as f:
+        f.write(header)
+        sha.update(header)
+        for spec, d, t in zip(specs, want, tensors):
+            if tuple(t.shape) != spec.shape or t.dtype != d:
+                raise BuildError(f"{spec.name}: built {t.dtype} {tuple(t.shape)}, expected {d} {spec.shape}")
+            _write_tensor(f, sha, t)
+            bar.update()
+            del t
+        f.flush()
+        os.fsync(f.fileno())
+    bar.close()
+    return sha.manifest_entry(path.name, path.stat().st_size)
+
+
 def _swap_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -162,6 +191,7 @@ def build_engine(
     max_num_tokens: int | None = None,
     block_size: int | None = None,
     cuda_graph_batch_sizes: tuple[int, ...] | None = None,
+    quant: "QuantOptions | None" = None,
 ) -> Path:
     """Build an engine directory at `out_dir` from `source`; return its path.
 
@@ -173,7 +203,10 @@ def build_engine(
     `dummy`: write deterministic random weights instead of reading the checkpoint's tensors
     (config and tokenizer still come from the source); the manifest records `"dummy": true`.
     A `kiln.build.dummy.DummySource` (a named architecture, `kiln build --dummy`) is always
-    built dummy. `device`: where dummy weights are drawn (a GPU draws 7B of them in seconds).
+    built dummy. `device`: where dummy weights are drawn (a GPU draws 7B of them in seconds), and
+    where a quantized build calibrates, quantizes and measures perplexity.
+    `quant`: kiln.quant.build.QuantOptions: the recipe, its calibration and the accuracy gate; a
+    build that fails the gate raises BuildError and writes nothing.
 
     Output directory rules: a missing or empty `out_dir` is created; an existing kiln engine
     (it has a `manifest.json`) is replaced; any other non-empty directory is refused, so a build
@@ -200,6 +233,8 @@ def build_engine(
             raise BuildError(
                 f"output directory {out} is not empty and is not a kiln engine; refusing to overwrite it"
             )
+    if quant is not None:
+        quant.check()
     src = source if isinstance(source, SourceCheckpoint) else open_source(source)
     dummy = dummy or src.kind == "dummy"
     try:
@@ -210,6 +245,10 @@ def build_engine(
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; an engine is an ordinary directory
         try:
             _build_into(src, tmp, resolve_dtype(dtype, src), profile, progress, dummy, device)
+            if quant is not None and quant.recipe != "none":
+                from kiln.quant.build import quantize_engine
+
+                quantize_engine(tmp, quant, device, progress)
             _swap_into_place(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -241,24 +280,9 @@ def _build_into(
         check_source(src, specs)
     tok_info = src.tokenizer_info()  # before the long part: tokenizer problems fail fast
 
-    header = safetensors_header([(s.name, dtype, s.shape) for s in specs])
-    weights_path = tmp / WEIGHTS_NAME
-    sha = WeightHasher()
-    from tqdm import tqdm
-
-    bar = tqdm(specs, desc="building engine", unit="tensor", file=sys.stderr, disable=not progress)
-    with open(weights_path, "wb") as f:
-        f.write(header)
-        sha.update(header)
-        for i, spec in enumerate(bar):
-            t = _dummy_tensor(spec, i, dtype, device) if dummy else fused_tensor(src, spec, dtype)
-            if tuple(t.shape) != spec.shape:
-                raise BuildError(f"{spec.name}: built shape {tuple(t.shape)}, expected {spec.shape}")
-            _write_tensor(f, sha, t)
-            del t
-        f.flush()
-        os.fsync(f.fileno())
-    bar.close()
+    tensors = (_dummy_tensor(spec, i, dtype, device) if dummy else fused_tensor(src, spec, dtype)
+               for i, spec in enumerate(specs))
+    weights_entry = write_weights(tmp / WEIGHTS_NAME, specs, dtype, tensors, progress, "building engine")
 
     src.write_tokenizer(tmp / TOKENIZER_NAME)
     manifest = manifest_dict(
@@ -271,7 +295,7 @@ def _build_into(
             "special_tokens": dict(tok_info.special_tokens),
             "eos_token_ids": list(tok_info.eos_token_ids),
         },
-        weights=[sha.manifest_entry(WEIGHTS_NAME, weights_path.stat().st_size)],
+        weights=[weights_entry],
         source={"kind": src.kind, "path": str(src.path.absolute()), "files": src.file_hashes(),
                 **getattr(src, "description", {})},
         versions={"kiln": __version__, "torch": torch.__version__},

@@ -45,7 +45,58 @@ def register(sub) -> None:
                    help="decode batch sizes to capture CUDA graphs for (a step is padded up to the "
                         "next one); default 1,2,4,8 and every multiple of 16 up to --max-batch-size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_quant_options(p)
     p.set_defaults(func=run)
+
+
+def add_quant_options(p: argparse.ArgumentParser) -> None:
+    from kiln.quant.build import QuantOptions
+    from kiln.quant.recipe import FP8_ACTIVATIONS, RECIPES
+
+    d = QuantOptions()
+    g = p.add_argument_group(
+        "quantization", "Quantize the four linear layers of every decoder layer, then gate on perplexity: the "
+        "build measures the unquantized and the quantized engine on held-out text and fails, writing "
+        "nothing, if perplexity rose by more than --max-ppl-increase percent.")
+    g.add_argument("--quant", default="none", choices=RECIPES,
+                   help="int8-weight: int8 per-channel weights, activations in --dtype; int8-sq: SmoothQuant "
+                        "W8A8 (int8 weights, int8 per-token activations); fp8: E4M3 weights and activations "
+                        "(GPUs of compute capability >= 8.9; the CPU runs a reference). Default none")
+    g.add_argument("--calib-data", default="builtin", metavar="FILE|builtin",
+                   help="calibration text: a plain-text file, JSONL with a 'text' field, or the built-in "
+                        "corpus (CPython's pydoc_data.topics, calibration part). Default builtin")
+    g.add_argument("--calib-samples", type=int, default=d.calib_samples,
+                   help="calibration windows (default %(default)s)")
+    g.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len,
+                   help="tokens per calibration window (default %(default)s)")
+    g.add_argument("--smoothquant-alpha", type=float, default=d.smoothquant_alpha,
+                   help="int8-sq: how much of the activations' range moves into the weights, in [0, 1] "
+                        "(default %(default)s)")
+    g.add_argument("--fp8-activations", default=d.fp8_activations, choices=FP8_ACTIVATIONS,
+                   help="fp8: per-token scales computed at run time, or one static scale per layer from "
+                        "calibration (default %(default)s)")
+    g.add_argument("--max-ppl-increase", type=float, default=d.max_ppl_increase, metavar="PCT",
+                   help="accuracy gate: most perplexity increase allowed, in percent (default %(default)s)")
+    g.add_argument("--no-accuracy-gate", action="store_true",
+                   help="skip the perplexity check (the manifest records that it was skipped)")
+    g.add_argument("--eval-data", default="builtin", metavar="FILE|builtin",
+                   help="the gate's held-out text (default: the built-in corpus's held-out part, disjoint "
+                        "from its calibration part)")
+    g.add_argument("--eval-seq-len", type=int, default=d.eval_seq_len,
+                   help="tokens per perplexity window (default %(default)s)")
+    g.add_argument("--eval-tokens", type=int, metavar="N",
+                   help="score at most N held-out tokens (default: all; the built-in part is ~40k tokens)")
+
+
+def quant_options(args: argparse.Namespace):
+    from kiln.quant.build import QuantOptions
+
+    return QuantOptions(
+        recipe=args.quant, calib_data=args.calib_data, calib_samples=args.calib_samples,
+        calib_seq_len=args.calib_seq_len, smoothquant_alpha=args.smoothquant_alpha,
+        fp8_activations=args.fp8_activations, accuracy_gate=not args.no_accuracy_gate,
+        max_ppl_increase=args.max_ppl_increase, eval_data=args.eval_data, eval_seq_len=args.eval_seq_len,
+        eval_tokens=args.eval_tokens)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,9 +114,15 @@ def run(args: argparse.Namespace) -> int:
         out = build_engine(source, args.output, dtype=args.dtype, max_seq_len=args.max_seq_len,
                            max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                            block_size=args.block_size,
-                           cuda_graph_batch_sizes=args.cuda_graph_batch_sizes, progress=not args.no_progress, device=args.device)
+                           cuda_graph_batch_sizes=args.cuda_graph_batch_sizes, progress=not args.no_progress,
+                           device=args.device, quant=quant_options(args))
     finally:
         if args.dummy:
             source.close()
     print(f"built {out} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.quant != "none":
+        from kiln.engine_dir import read_manifest
+        from kiln.quant.recipe import describe
+
+        print(f"quantization: {describe(read_manifest(out).quant)}", file=sys.stderr)
     return 0

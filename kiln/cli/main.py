@@ -1,4 +1,4 @@
-"""`kiln` command line: build, generate, chat, serve. Errors caused by input print one line, no traceback."""
+"""`kiln` command line: build, generate, chat, serve, bench, eval. Errors caused by input print one line, no traceback."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def sampling_params(args: argparse.Namespace, **extra):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from kiln.cli import bench_cmd, build_cmd, chat_cmd, generate_cmd, serve_cmd
+    from kiln.cli import bench_cmd, build_cmd, chat_cmd, eval_cmd, generate_cmd, serve_cmd
 
     parser = argparse.ArgumentParser(
         prog="kiln", description="Build LLM checkpoints into engines offline; generate from them.")
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat_cmd.register(sub)
     serve_cmd.register(sub)
     bench_cmd.register(sub)
+    eval_cmd.register(sub)
     return parser
 
 

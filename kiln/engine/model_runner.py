@@ -78,11 +78,17 @@ class ModelRunner:
         self.profile = manifest.profile
         self.device = device
         self.dtype = manifest.dtype
+        quant = manifest.quant_scheme
+        if quant is not None and quant.recipe == "fp8" and device.type == "cuda" \
+                and torch.cuda.get_device_capability(device) < (8, 9):
+            cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
+            raise EngineLoadError(f"fp8 engines need a GPU of compute capability >= 8.9 (this one is {cc}); "
+                                  "build an int8 engine for it, or run on the CPU")
         weights = load_weights(manifest, device)
         if device.type == "cpu" and not map_weights:
             weights = {name: t.clone() for name, t in weights.items()}  # see EngineOptions.map_weights
         with torch.device("meta"):
-            model = LlamaModel(cfg)
+            model = LlamaModel(cfg, quant)
         model.load_state_dict(weights, assign=True, strict=True)
         self.model = model.eval()
         self.weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())

@@ -12,6 +12,10 @@ that would otherwise each be a kernel launch of their own:
   up rows that match its gate rows and writes silu(gate) * up [M, I], rounded as
   kiln.model.layers.silu_mul_ref rounds: the MLP's activation never makes a round trip to memory.
 - bias (epilogue).
+- W_SCALE (dequantization): the weight holds a quantized linear's int8 or fp8 codes
+  (kiln.quant.linear); each output column's float32 scale multiplies the accumulator before the
+  rest of the epilogue. The codes are converted to the activation dtype as they are loaded, so a
+  decode step streams one byte per weight.
 - RESIDUAL (epilogue): the output is added into the residual stream R in place (each program owns
   its columns) and the squares of the new stream are accumulated into SS_OUT (one float32 atomic add
   per row and program) for the next NORM consumer. SS_OUT must be zeroed before the first producer.
@@ -41,9 +45,10 @@ MAX_ROWS = 16  # tl.dot needs 16 rows: 2..16 rows are padded to 16 (masked, neve
 
 @triton.jit(do_not_specialize=["M"])  # one compiled variant for 2..16 rows
 def _gemv_kernel(
-    X, W, Bias, NW, SS_IN, R, SS_OUT, Y, WS, CNT,
+    X, W, WSC, Bias, NW, SS_IN, R, SS_OUT, Y, WS, CNT,
     M, N, K, stride_xm, stride_rm, stride_ym, eps,
     NORM: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
+    W_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
     SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -53,7 +58,7 @@ def _gemv_kernel(
     n_ok = rn < N
     rm = tl.arange(0, BLOCK_M)
     m_ok = rm < M
-    dt = W.dtype.element_ty
+    dt = X.dtype.element_ty  # the activation (model) dtype; W is the same, or int8 / fp8 codes
     if NORM:
         rstd = tl.rsqrt(tl.load(SS_IN + rm, mask=m_ok, other=0.0) / K + eps)
     if BLOCK_M == 1:  # one row: products on the FMA units, one reduction at the end
@@ -90,6 +95,10 @@ def _gemv_kernel(
             if GLU:
                 acc_wu += wu.to(tl.float32) * xf
         else:
+            if W_SCALE:  # codes are exact in the activation dtype
+                w = w.to(dt)
+                if GLU:
+                    wu = wu.to(dt)
             acc += dot(x, tl.trans(w), IEEE)
             if GLU:
                 acc_u += dot(x, tl.trans(wu), IEEE)
@@ -110,6 +119,10 @@ def _gemv_kernel(
             tl.atomic_xchg(CNT + pid, 0, sem="relaxed", scope="gpu")
         ok = tl.where(last, ok, False)  # only the last arrival runs the epilogue
         m_ok = tl.where(last, m_ok, False)
+    if W_SCALE:
+        acc = acc * tl.load(WSC + rn, mask=n_ok, other=0.0)[None, :]
+        if GLU:
+            acc_u = acc_u * tl.load(WSC + N + rn, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(Bias + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         if GLU:
@@ -154,10 +167,12 @@ def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, ss_in: torch.Tensor | None = None, eps: float = 0.0,
          glu: bool = False, residual: torch.Tensor | None = None, ss_out: torch.Tensor | None = None,
-         out: torch.Tensor | None = None, config: tuple[int, ...] | None = None
-         ) -> torch.Tensor | None:
+         out: torch.Tensor | None = None, config: tuple[int, ...] | None = None,
+         w_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """y = f(x) @ weight^T (+ bias) for x [M <= 16, K] and a contiguous weight [N, K].
 
+    w_scale [N] (or [2I] with glu) float32: weight holds int8 / float8_e4m3fn codes, and each
+    output column is scaled by its w_scale (dequantization in the epilogue).
     norm_weight (with ss_in [M] float32, the rows' sums of squares): f is the RMSNorm.
     glu: weight is a fused gate|up [2I, K] (bias [2I]); y = silu(x @ gate^T) * (x @ up^T) [M, I].
     residual [M, N] (with ss_out [M] float32): y is added into `residual` in place, the new rows'
@@ -177,7 +192,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if residual is None:
         y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m, block_n, block_k, warps, stages, *split = config or _config(
-        n, k, m, glu, norm_weight is not None, weight.element_size())
+        n, k, m, glu, norm_weight is not None, x.element_size())
     split_k = split[0] if split else 1
     if split_k > 1 and glu:
         raise ValueError("split-K does not combine with the gate|up epilogue")
@@ -187,8 +202,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     if split_k > 1:
         ws = torch.empty(split_k * block_m * n, dtype=torch.float32, device=x.device)
         cnt = _arrival_counters(x.device, tiles)
+    if (w_scale is None) != (weight.dtype == x.dtype):
+        raise ValueError("a weight of another dtype than x must be quantized codes with w_scale")
     _gemv_kernel[(tiles, split_k)](
-        x, weight, bias if bias is not None else dummy,
+        x, weight, w_scale if w_scale is not None else dummy, bias if bias is not None else dummy,
         norm_weight if norm_weight is not None else dummy,
         ss_in if ss_in is not None else dummy,
         residual if residual is not None else dummy,
@@ -197,7 +214,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         m, n, k, x.stride(0), residual.stride(0) if residual is not None else 0,
         y.stride(0) if y is not None else 0, eps,
         NORM=norm_weight is not None, GLU=glu, HAS_BIAS=bias is not None,
-        RESIDUAL=residual is not None,
+        RESIDUAL=residual is not None, W_SCALE=w_scale is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         SPLIT_K=split_k, IEEE=weight.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )
@@ -207,15 +224,19 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
              norm_weight: torch.Tensor | None = None, ss_in: torch.Tensor | None = None, eps: float = 0.0,
              glu: bool = False, residual: torch.Tensor | None = None, ss_out: torch.Tensor | None = None,
-             out: torch.Tensor | None = None, config=None) -> torch.Tensor | None:
-    """The same contract in torch ops (kiln.model.layers' references), for tests."""
+             out: torch.Tensor | None = None, config=None, w_scale=None) -> torch.Tensor | None:
+    """The same contract in torch ops (kiln.model.layers' and kiln.quant's references), for tests."""
     from kiln.model.layers import silu_mul_ref
+    from kiln.quant.int8 import int8_weight_linear_ref
 
-    dtype = weight.dtype
+    dtype = x.dtype
     if norm_weight is not None:
         rstd = torch.rsqrt(ss_in / x.shape[1] + eps)
         x = norm_weight * (x.float() * rstd[:, None]).to(dtype)
-    y = torch.nn.functional.linear(x, weight, bias)
+    if w_scale is not None:  # (exact for fp8 codes too: the reference only upcasts them)
+        y = int8_weight_linear_ref(x, weight, w_scale, bias)
+    else:
+        y = torch.nn.functional.linear(x, weight, bias)
     if glu:
         y = silu_mul_ref(y)
     if residual is not None:

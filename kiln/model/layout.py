@@ -2,7 +2,8 @@
 
 The runtime keeps fused projections: `qkv_proj` is q, k and v stacked along the output dimension,
 `gate_up_proj` is gate then up. The build applies this layout once; loading assigns the stored
-tensors as they are.
+tensors as they are. A quantized engine stores each quantized linear's codes and scales instead of
+its weight (kiln.quant.recipe).
 """
 
 from __future__ import annotations
@@ -10,19 +11,42 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiln.config import ModelConfig
+from kiln.quant.recipe import QUANT_LINEARS, QuantScheme
 
 
 @dataclass(frozen=True)
 class WeightSpec:
-    """One runtime tensor: its name, shape, and the checkpoint tensors concatenated (dim 0) into it."""
+    """One runtime tensor: its name, shape, and the checkpoint tensors concatenated (dim 0) into it;
+    `dtype` names its stored dtype when that is not the engine dtype (quantized codes, scales)."""
 
     name: str
     shape: tuple[int, ...]
     sources: tuple[str, ...]
+    dtype: str | None = None
 
 
-def runtime_layout(cfg: ModelConfig) -> list[WeightSpec]:
-    """Every tensor an engine of this config stores, in a fixed order."""
+def runtime_layout(cfg: ModelConfig, quant: QuantScheme | None = None) -> list[WeightSpec]:
+    """Every tensor an engine of this config (and quantization scheme) stores, in a fixed order."""
+    specs = _float_layout(cfg)
+    return specs if quant is None else quantized_layout(specs, quant)
+
+
+def quantized_layout(specs: list[WeightSpec], quant: QuantScheme) -> list[WeightSpec]:
+    """The float layout with each quantized linear's weight replaced by its codes and scales."""
+    out = []
+    for spec in specs:
+        prefix, _, leaf = spec.name.rpartition(".")
+        if leaf != "weight" or not prefix.endswith(QUANT_LINEARS):
+            out.append(spec)
+            continue
+        out.append(WeightSpec(f"{prefix}.qweight", spec.shape, spec.sources, quant.weight_dtype))
+        out.append(WeightSpec(f"{prefix}.wscale", spec.shape[:1], (), "float32"))
+        if quant.static_act_scale:
+            out.append(WeightSpec(f"{prefix}.act_scale", (1,), (), "float32"))
+    return out
+
+
+def _float_layout(cfg: ModelConfig) -> list[WeightSpec]:
     h, hd = cfg.hidden_size, cfg.head_dim
     specs = [WeightSpec("embed_tokens.weight", (cfg.vocab_size, h), ("model.embed_tokens.weight",))]
     for i in range(cfg.num_layers):

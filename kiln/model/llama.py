@@ -14,17 +14,19 @@ from kiln.config import ModelConfig
 from kiln.kernels import use_kernels
 from kiln.model.attention import current_metadata, fresh_attention, paged_attention, rope_and_cache
 from kiln.model.layers import GatedMLP, RMSNorm
+from kiln.quant.linear import make_linear, small_linear_args
+from kiln.quant.recipe import QuantScheme
 
 SMALL_BATCH_ROWS = 16  # steps of at most this many tokens take the fused small-batch path on a GPU
 # (kiln.kernels.gemv.MAX_ROWS; measured faster than cuBLAS + separate norm/activation kernels)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quant: QuantScheme | None = None):
         super().__init__()
         self.cfg = cfg
-        self.qkv_proj = nn.Linear(cfg.hidden_size, cfg.qkv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(cfg.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = make_linear(cfg.hidden_size, cfg.qkv_size, cfg.qkv_bias, quant)
+        self.o_proj = make_linear(cfg.q_size, cfg.hidden_size, cfg.o_bias, quant)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
@@ -54,12 +56,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quant: QuantScheme | None = None):
         super().__init__()
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, quant)
         self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg)
+        self.mlp = GatedMLP(cfg, quant)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, cos_sin: torch.Tensor,
                 kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,24 +84,28 @@ class DecoderLayer(nn.Module):
         from kiln.kernels.gemv import gemv
 
         attn, mlp = self.attn, self.mlp
-        qkv = gemv(s, attn.qkv_proj.weight, attn.qkv_proj.bias, norm_weight=self.input_norm.weight,
-                   ss_in=ss[0], eps=self.input_norm.eps)
+        w, b, q = small_linear_args(attn.qkv_proj)
+        qkv = gemv(s, w, b, norm_weight=self.input_norm.weight, ss_in=ss[0], eps=self.input_norm.eps, **q)
         out = attn.attend(qkv, cos_sin, kv_cache)
-        gemv(out, attn.o_proj.weight, attn.o_proj.bias, residual=s, ss_out=ss[1])
-        act = gemv(s, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, glu=True,
-                   norm_weight=self.post_attn_norm.weight, ss_in=ss[1], eps=self.post_attn_norm.eps)
-        gemv(act, mlp.down_proj.weight, mlp.down_proj.bias, residual=s, ss_out=ss[2])
+        w, b, q = small_linear_args(attn.o_proj)
+        gemv(out, w, b, residual=s, ss_out=ss[1], **q)
+        w, b, q = small_linear_args(mlp.gate_up_proj)
+        act = gemv(s, w, b, glu=True, norm_weight=self.post_attn_norm.weight, ss_in=ss[1],
+                   eps=self.post_attn_norm.eps, **q)
+        w, b, q = small_linear_args(mlp.down_proj)
+        gemv(act, w, b, residual=s, ss_out=ss[2], **q)
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, quant: QuantScheme | None = None):
         super().__init__()
         self.cfg = cfg
+        self.quant = quant
         # Pass the (meta) weight in: a random init would be wasted work, and normal_ on the meta
         # device imports torch._dynamo (about a second of load time).
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                          _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, quant) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)

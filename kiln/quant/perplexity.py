@@ -8,7 +8,9 @@ from its pool and gives them back.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 
 import torch
 
@@ -19,12 +21,11 @@ from kiln.model.attention import attention_context
 LOGIT_ROWS = 128  # rows of logits materialized at once ([rows, vocab] float32)
 
 
-@torch.inference_mode()
-def window_nll(core: EngineCore, tokens: list[int]) -> tuple[float, int]:
-    """(sum of -log p(token_i | tokens_<i) for i >= 1, number of predicted tokens) of one window."""
+@contextlib.contextmanager
+def window_forward(core: EngineCore, tokens: list[int]):
+    """Run the engine's model over one window from position 0; yields the final hidden states
+    [len, hidden]. The blocks it borrows from the pool are back when the context exits."""
     runner, pool = core.runner, core.scheduler.kv.pool
-    if len(tokens) < 2:
-        return 0.0, 0
     if len(tokens) > core.manifest.profile.max_seq_len:
         raise ValueError(f"window of {len(tokens)} tokens exceeds the engine's max_seq_len "
                          f"{core.manifest.profile.max_seq_len}")
@@ -36,23 +37,34 @@ def window_nll(core: EngineCore, tokens: list[int]) -> tuple[float, int]:
     try:
         inputs = prepare_inputs([ChunkSpec(tokens, 0, blocks)], runner.block_size, runner.device,
                                 runner.cfg.sliding_window, runner.staging)
-        with attention_context(inputs.attn):
-            hidden = runner.model(inputs.input_ids, inputs.positions, runner.rope_table, runner.kv_caches)
-        targets = torch.tensor(tokens[1:], device=hidden.device)
-        total = 0.0
-        for r0 in range(0, len(tokens) - 1, LOGIT_ROWS):
-            r1 = min(r0 + LOGIT_ROWS, len(tokens) - 1)
-            logp = torch.log_softmax(runner.model.compute_logits(hidden[r0:r1]), dim=-1)
-            total -= logp.gather(1, targets[r0:r1, None]).sum().item()
-        return total, len(tokens) - 1
+        with torch.inference_mode(), attention_context(inputs.attn):
+            yield runner.model(inputs.input_ids, inputs.positions, runner.rope_table, runner.kv_caches)
     finally:
         pool.free(blocks)
 
 
-def perplexity(core: EngineCore, windows: list[list[int]]) -> dict:
+@torch.inference_mode()
+def window_nll(core: EngineCore, tokens: list[int]) -> tuple[float, int]:
+    """(sum of -log p(token_i | tokens_<i) for i >= 1, number of predicted tokens) of one window."""
+    if len(tokens) < 2:
+        return 0.0, 0
+    model = core.runner.model
+    with window_forward(core, tokens) as hidden:
+        targets = torch.tensor(tokens[1:], device=hidden.device)
+        total = 0.0
+        for r0 in range(0, len(tokens) - 1, LOGIT_ROWS):
+            r1 = min(r0 + LOGIT_ROWS, len(tokens) - 1)
+            logp = torch.log_softmax(model.compute_logits(hidden[r0:r1]), dim=-1)
+            total -= logp.gather(1, targets[r0:r1, None]).sum().item()
+    return total, len(tokens) - 1
+
+
+def perplexity(core: EngineCore, windows: list[list[int]], progress: bool = False, desc: str = "perplexity") -> dict:
     """{"ppl", "nll" (mean per token), "tokens" (predicted), "windows"} over all windows."""
+    from tqdm import tqdm
+
     nll = n = 0
-    for w in windows:
+    for w in tqdm(windows, desc=desc, unit="window", file=sys.stderr, disable=not progress):
         s, k = window_nll(core, w)
         nll += s
         n += k

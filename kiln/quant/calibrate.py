@@ -1,0 +1,59 @@
+"""Calibration: activation statistics of the unquantized engine on calibration text.
+
+For each quantized linear layer's input (kiln.quant.recipe.QUANT_LINEARS) the largest absolute
+value seen in each input channel, over every token of every calibration window. SmoothQuant's
+smoothing factors come from these per-channel maxima; static fp8 activation scales from their max.
+They are saved in the engine directory (`calibration.safetensors`, one float32 [in] tensor per
+layer named `<linear>.input_absmax`), so a build's scales can be traced back to their data.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from kiln.engine.core import EngineCore
+from kiln.quant.perplexity import window_forward
+from kiln.quant.recipe import quantized_linear_names
+
+CALIBRATION_NAME = "calibration.safetensors"
+
+
+@torch.inference_mode()
+def activation_absmax(core: EngineCore, windows: list[list[int]], progress: bool = True) -> dict[str, torch.Tensor]:
+    """{linear name: float32 [in_features] per-channel max |x|} over all windows (on the CPU)."""
+    from tqdm import tqdm
+
+    model = core.runner.model
+    names = quantized_linear_names(core.manifest.model.num_layers)
+    modules = dict(model.named_modules())
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            m = x.abs().amax(dim=0).float()
+            stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+        return record
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for w in tqdm(windows, desc="calibrating", unit="window", file=sys.stderr, disable=not progress):
+            if len(w) <= 16:  # the fused small-batch GPU path bypasses the linear modules
+                raise ValueError("calibration windows must be longer than 16 tokens")
+            with window_forward(core, w):
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in stats]
+    if missing:
+        raise RuntimeError(f"calibration saw no input for {missing[0]}")
+    return {n: stats[n].cpu() for n in names}
+
+
+def save_stats(path, stats: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({f"{n}.input_absmax": t.contiguous() for n, t in stats.items()}, str(path))

@@ -91,3 +91,32 @@ def test_token_windows():
     assert token_windows([[1, 2, 3, 4, 5, 6, 7]], 3, max_windows=1) == [[1, 2, 3]]
     with pytest.raises(ValueError):
         token_windows([[1]], 1)
+
+
+def test_fp8_round_trip_error_is_within_half_an_e4m3_step():
+    from kiln.quant.fp8 import FP8_MAX, quantize_rows_fp8
+
+    w = rand(32, 300, seed=7, scale=0.05)
+    w[0, 0] = 2.0
+    q, s = quantize_rows_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and float(q.float().abs().max()) == FP8_MAX
+    rel = w.abs() / s[:, None]  # magnitude in code units
+    # E4M3 keeps 3 mantissa bits: half a step is 2^-4 of the value's power of two (2^-10 below 2^-6)
+    step = torch.where(rel >= 2 ** -6, 2.0 ** (torch.floor(torch.log2(rel.clamp(min=1e-30))) - 3), 2.0 ** -9)
+    err = (q.float() * s[:, None] - w).abs()
+    assert (err <= step * s[:, None] / 2 * (1 + 1e-6)).all()
+
+
+def test_fp8_linear_dynamic_and_static_against_float64():
+    from kiln.quant.fp8 import FP8_MAX, fp8_codes, fp8_linear_ref, quantize_rows_fp8
+
+    x, w, b = rand(5, 64, seed=8), rand(12, 64, seed=9, scale=0.1), rand(12, seed=10)
+    q, s = quantize_rows_fp8(w)
+    xq, xs = quantize_rows_fp8(x)
+    want = (xq.double() * xs.double()[:, None]) @ (q.double() * s.double()[:, None]).T + b.double()
+    assert (fp8_linear_ref(x, q, s, b).double() - want).abs().max() < 1e-5 * want.abs().max()
+    a = torch.tensor([1.0 / FP8_MAX])  # static: |x| beyond 1.0 saturates at the calibrated range
+    xq2 = fp8_codes(x, a)
+    assert float(xq2.float().abs().max()) == FP8_MAX
+    want2 = (xq2.double() * a.double()) @ (q.double() * s.double()[:, None]).T
+    assert (fp8_linear_ref(x, q, s, None, a).double() - want2).abs().max() < 1e-5 * want2.abs().max()

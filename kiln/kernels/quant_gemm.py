@@ -114,6 +114,18 @@ def quant_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
 
 
 @triton.jit
+def round_to_e4m3(v):
+    """float32 v (|v| <= 448) rounded to the nearest E4M3 value, ties to even, still in float32: the
+    cast that follows is then exact on every backend (the Triton interpreter's own rounding of
+    values just below a power of two is wrong)."""
+    bits = v.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000  # keep 3 mantissa bits
+    normal = bits.to(tl.float32, bitcast=True)
+    subnormal = (v + 24576.0) - 24576.0  # 1.5 * 2^14: steps of 2^-9 below 2^-6
+    return tl.where(tl.abs(v) >= 0.015625, normal, subnormal)
+
+
+@triton.jit
 def _act_quant_kernel(X, Q, S, STATIC, K, stride_xm, stride_qm, QMAX_F: tl.constexpr,
                       FP8: tl.constexpr, HAS_STATIC: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
@@ -134,7 +146,7 @@ def _act_quant_kernel(X, Q, S, STATIC, K, stride_xm, stride_qm, QMAX_F: tl.const
         v = tl.load(x_row + rk, mask=rk < K, other=0.0).to(tl.float32) / scale
         v = tl.minimum(tl.maximum(v, -QMAX_F), QMAX_F)
         if FP8:
-            q = v.to(Q.dtype.element_ty)
+            q = round_to_e4m3(v).to(Q.dtype.element_ty)
         else:
             q = ((v + 12582912.0) - 12582912.0).to(tl.int8)  # + 1.5 * 2^23: round half to even, as torch.round
         tl.store(q_row + rk, q, mask=rk < K)

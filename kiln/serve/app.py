@@ -12,6 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from kiln.errors import RequestError
 from kiln.serve import generation
 from kiln.serve.api_errors import error_response, install_handlers
+from kiln.quant.recipe import gate_summary
 from kiln.serve.api_models import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from kiln.serve.metrics import CONTENT_TYPE
 from kiln.serve.middleware import ApiKey, BodyLimit, RequestId
@@ -38,9 +39,14 @@ def create_app(state: ServerState) -> FastAPI:
     cfg = state.cfg
     created = int(time.time())
 
+    manifest = state.client.manifest
+    engine_card = {"dtype": manifest.dtype_str,
+                   "quantization": gate_summary(manifest.quant) or {"recipe": "none"}}
+
     def model_card() -> dict:
         return {"id": cfg.served_model_name, "object": "model", "created": created, "owned_by": "kiln",
-                "root": cfg.served_model_name, "parent": None, "max_model_len": state.max_seq_len}
+                "root": cfg.served_model_name, "parent": None, "max_model_len": state.max_seq_len,
+                **engine_card}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):

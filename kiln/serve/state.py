@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from kiln.engine.options import EngineOptions
+from kiln.quant.recipe import describe
 from kiln.serve import protocol as P
 from kiln.serve.admission import Admission
 from kiln.serve.engine_client import EngineClient
@@ -112,8 +113,9 @@ class ServerState:
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
         log.info("kiln: ready in %.2f s (engine load %.2f s): model %s, %d KV blocks of %d tokens, "
-                 "max %d sequences", self.ready_after, ready.load_seconds, self.cfg.served_model_name,
-                 ready.total_blocks, ready.block_size, ready.max_num_seqs)
+                 "max %d sequences; quantization: %s", self.ready_after, ready.load_seconds,
+                 self.cfg.served_model_name, ready.total_blocks, ready.block_size, ready.max_num_seqs,
+                 describe(self.client.manifest.quant))
         while self.client.alive:
             await asyncio.sleep(0.1)
         if self._closing:

@@ -91,6 +91,10 @@ class ModelRunner:
             model = LlamaModel(cfg, quant)
         model.load_state_dict(weights, assign=True, strict=True)
         self.model = model.eval()
+        if quant is not None and quant.act_quant == "fp8" and device.type == "cuda":
+            from kiln.kernels.quant_gemm import probe_scaled_mm
+
+            probe_scaled_mm(device, self.dtype)  # before any graph capture
         self.weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         self.rope_table = rope_cos_sin(cfg, self.profile.max_seq_len, device)
         self.block_size = self.profile.block_size

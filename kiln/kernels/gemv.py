@@ -37,6 +37,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.arrival import arrival_counters
+from kiln.kernels.codes import fast_codes, int8_to_half
 from kiln.kernels.paged_tile import dot
 
 MAX_ROWS = 16  # tl.dot needs 16 rows: 2..16 rows are padded to 16 (masked, never stored); one row
@@ -50,7 +51,7 @@ def _gemv_kernel(
     NORM: tl.constexpr, GLU: tl.constexpr, HAS_BIAS: tl.constexpr, RESIDUAL: tl.constexpr,
     W_SCALE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
+    SPLIT_K: tl.constexpr, IEEE: tl.constexpr, INT8_W: tl.constexpr, FAST_CODES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -84,6 +85,10 @@ def _gemv_kernel(
         w = tl.load(w_ptr + rk[None, :], mask=w_mask, other=0.0)
         if GLU:
             wu = tl.load(w_ptr + N * K + rk[None, :], mask=w_mask, other=0.0)
+        if INT8_W:  # codes -> fp16 on the integer/fp16 units (kiln.kernels.codes)
+            w = int8_to_half(w, FAST_CODES)
+            if GLU:
+                wu = int8_to_half(wu, FAST_CODES)
         x = tl.load(x_ptr + rk[None, :], mask=x_mask, other=0.0)
         if NORM:
             nw = tl.load(NW + rk, mask=rk < K, other=0.0).to(tl.float32)
@@ -216,7 +221,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         NORM=norm_weight is not None, GLU=glu, HAS_BIAS=bias is not None,
         RESIDUAL=residual is not None, W_SCALE=w_scale is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        SPLIT_K=split_k, IEEE=weight.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        SPLIT_K=split_k, IEEE=x.dtype == torch.float32, INT8_W=weight.dtype == torch.int8,
+        FAST_CODES=fast_codes(weight),
+        num_warps=warps, num_stages=stages,
     )
     return y
 

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kiln.kernels.codes import fast_codes, int8_to_half, round_to_e4m3
 from kiln.quant.fp8 import FP8_DTYPE, FP8_MAX
 from kiln.quant.int8 import QMAX
 
@@ -27,7 +28,8 @@ from kiln.quant.int8 import QMAX
 def _qgemm_kernel(
     A, B, AS, BS, Bias, C, M, N, K, stride_am, stride_cm,
     A_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, CONVERT_B: tl.constexpr, INT_ACC: tl.constexpr,
-    IEEE: tl.constexpr, EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr, EVEN_K: tl.constexpr, INT8_B: tl.constexpr, PRECISE_FP8: tl.constexpr,
+    FAST_CODES: tl.constexpr, SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -47,6 +49,8 @@ def _qgemm_kernel(
     b_ptr = B + rn.to(tl.int64)[:, None] * K + rk[None, :]
     if INT_ACC:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    elif SWAP_AB:  # weight tile as the MMA's first operand (from registers), the result transposed
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -58,16 +62,25 @@ def _qgemm_kernel(
             a = tl.load(a_ptr, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             b = tl.load(b_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
         if CONVERT_B:
+            if INT8_B:
+                b = int8_to_half(b, FAST_CODES)
             b = b.to(A.dtype.element_ty)
         if INT_ACC:
             acc = tl.dot(a, tl.trans(b), acc, out_dtype=tl.int32)
+        elif SWAP_AB:
+            acc = tl.dot(b, tl.trans(a), acc)
+        elif PRECISE_FP8:  # Hopper's fp8 MMA accumulates in reduced precision: promote to fp32 once
+            acc = tl.dot(a, tl.trans(b), acc, max_num_imprecise_acc=BLOCK_K)  # per K tile, as cuBLAS
         elif IEEE:
             acc = tl.dot(a, tl.trans(b), acc, input_precision="ieee")
         else:
             acc = tl.dot(a, tl.trans(b), acc)
         a_ptr += BLOCK_K
         b_ptr += BLOCK_K
-    y = acc.to(tl.float32)
+    if SWAP_AB:
+        y = tl.trans(acc)
+    else:
+        y = acc.to(tl.float32)
     if A_SCALE:
         y = y * tl.load(AS + rm, mask=m_ok, other=0.0)[:, None]
     y = y * tl.load(BS + rn, mask=n_ok, other=0.0)[None, :]
@@ -77,14 +90,16 @@ def _qgemm_kernel(
     tl.store(c_ptr, y.to(C.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _gemm_config(m: int, n: int, k: int, a_bytes: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)."""
-    if a_bytes == 4:  # float32 activations (CPU interpreter tests): small tiles
+def _gemm_config(m: int, n: int, a_dtype: torch.dtype) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages[, SWAP_AB]), from the sweep of
+    benchmarks/gpu_quant_kernels.py on an H100 at llama-2-7b shapes."""
+    if a_dtype == torch.float32:  # CPU interpreter tests: small tiles
         return 32, 32, 32, 4, 4, 2
-    bk = 128 if a_bytes == 1 else 64
-    if m <= 64:
-        return 64, 64, bk, 8, 4, 4
-    return 128, 128, bk, 8, 8, 3
+    if a_dtype in (torch.float16, torch.bfloat16):  # int8-weight: weight tiles converted in the loop
+        return (128, 64, 64, 8, 4, 4) if m <= 512 else (128, 128, 64, 8, 8, 3)
+    if m <= 512:  # int8 x int8, fp8 x fp8: decode batches
+        return (64, 128, 128, 8, 4, 4) if n <= 8192 else (128, 128, 128, 8, 8, 3)
+    return (128, 256, 128, 8, 8, 3) if a_dtype == FP8_DTYPE else (128, 128, 128, 8, 8, 3)
 
 
 def quant_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -101,28 +116,59 @@ def quant_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
         raise ValueError("quantized activations need a_scale and codes of the weight's dtype")
     out_dtype = out_dtype or a.dtype
     y = torch.empty(m, n, dtype=out_dtype, device=a.device)
-    bm, bn, bk, gm, warps, stages = config or _gemm_config(m, n, k, a.element_size())
+    bm, bn, bk, gm, warps, stages, *swap = config or _gemm_config(m, n, a.dtype)
+    swap = bool(swap and swap[0])
+    if swap and quant_a:
+        raise ValueError("SWAP_AB is for float activations (int8-weight)")
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
     _qgemm_kernel[grid](
         a, w, a_scale if a_scale is not None else w_scale, w_scale, bias if bias is not None else w_scale, y,
         m, n, k, a.stride(0), y.stride(0),
         A_SCALE=a_scale is not None, HAS_BIAS=bias is not None, CONVERT_B=not quant_a,
         INT_ACC=a.dtype == torch.int8, IEEE=a.dtype == torch.float32, EVEN_K=k % bk == 0,
+        INT8_B=w.dtype == torch.int8, PRECISE_FP8=a.dtype == FP8_DTYPE and a.is_cuda,
+        FAST_CODES=fast_codes(w), SWAP_AB=swap,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
     )
     return y
 
 
-@triton.jit
-def round_to_e4m3(v):
-    """float32 v (|v| <= 448) rounded to the nearest E4M3 value, ties to even, still in float32: the
-    cast that follows is then exact on every backend (the Triton interpreter's own rounding of
-    values just below a power of two is wrong)."""
-    bits = v.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0xFFF00000  # keep 3 mantissa bits
-    normal = bits.to(tl.float32, bitcast=True)
-    subnormal = (v + 24576.0) - 24576.0  # 1.5 * 2^14: steps of 2^-9 below 2^-6
-    return tl.where(tl.abs(v) >= 0.015625, normal, subnormal)
+_SCALED_MM: dict = {}  # (device index, out dtype) -> how torch._scaled_mm serves fp8 here (probe_scaled_mm)
+
+
+def probe_scaled_mm(device: torch.device, out_dtype: torch.dtype) -> str:
+    """Once per device and dtype, before any CUDA graph is captured: can cuBLAS's fp8 GEMM with
+    per-row and per-column scales (torch._scaled_mm) write `out_dtype` ("direct"), only bfloat16
+    ("via-bf16"), or not at all ("triton")? Its accumulation is exact enough (promoted to fp32,
+    unlike Triton's fp8 MMA, whose promotion per K tile costs 2-3x at prefill sizes)."""
+    key = (device.index, out_dtype)
+    if key not in _SCALED_MM:
+        a = torch.ones(32, 32, device=device).to(FP8_DTYPE)
+        sa, sb = torch.ones(32, 1, device=device), torch.ones(1, 32, device=device)
+        mode = "triton"
+        for cand, dt in (("direct", out_dtype), ("via-bf16", torch.bfloat16)):
+            try:
+                y = torch._scaled_mm(a, a.T, scale_a=sa, scale_b=sb, out_dtype=dt)
+                if float(y[0, 0]) == 32.0:
+                    mode = cand
+                    break
+            except (RuntimeError, TypeError, ValueError):
+                continue
+        _SCALED_MM[key] = mode
+    return _SCALED_MM[key]
+
+
+def fp8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """fp8 x fp8 with both scales (and bias): cuBLAS where probe_scaled_mm found it, else quant_gemm."""
+    mode = _SCALED_MM.get((a.device.index, out_dtype), "triton") if a.is_cuda else "triton"
+    if mode == "triton":
+        return quant_gemm(a, w, w_scale, bias, a_scale=a_scale, out_dtype=out_dtype)
+    dt = out_dtype if mode == "direct" else torch.bfloat16
+    y = torch._scaled_mm(a, w.T, scale_a=a_scale[:, None], scale_b=w_scale[None, :], out_dtype=dt)
+    if bias is not None:
+        y = y + bias.to(dt)
+    return y if dt == out_dtype else y.to(out_dtype)
 
 
 @triton.jit

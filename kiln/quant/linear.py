@@ -9,8 +9,10 @@ the full-precision weight never exists:
   a pass over the weights, which quantizing the activations would not shorten;
 - more rows (prefill, large decode batches: kiln.kernels.quant_gemm): int8-weight converts each
   weight tile to the activation dtype inside the GEMM; int8-sq and fp8 quantize the activations per
-  token (or with fp8's static scale) in one pass, then multiply int8 x int8 -> int32 or
-  fp8 x fp8 -> fp32 on the tensor cores with both scales and the bias fused into the epilogue.
+  token (or with fp8's static scale) in one pass, then multiply int8 x int8 -> int32 (Triton, both
+  scales and the bias fused into the epilogue) or fp8 x fp8 (cuBLAS through torch._scaled_mm with
+  per-row and per-column scales, where the device has it: Triton's fp8 MMA needs per-tile fp32
+  promotion to be accurate on Hopper, which made it 2-3x slower at prefill sizes).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class QuantLinear(nn.Module):
 
     def _forward_gpu(self, x: torch.Tensor) -> torch.Tensor:
         from kiln.kernels.gemv import MAX_ROWS, gemv
-        from kiln.kernels.quant_gemm import quant_gemm, quantize_activations
+        from kiln.kernels.quant_gemm import fp8_gemm, quant_gemm, quantize_activations
 
         if x.shape[0] <= MAX_ROWS:
             return gemv(x, self.qweight, self.bias, w_scale=self.wscale)
@@ -73,6 +75,8 @@ class QuantLinear(nn.Module):
         if act is None:
             return quant_gemm(x, self.qweight, self.wscale, self.bias)
         xq, xs = quantize_activations(x, act, self.act_scale)
+        if act == "fp8":
+            return fp8_gemm(xq, self.qweight, xs, self.wscale, self.bias, x.dtype)
         return quant_gemm(xq, self.qweight, self.wscale, self.bias, a_scale=xs, out_dtype=x.dtype)
 
 

@@ -136,12 +136,16 @@ def quant_gemm(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
 _SCALED_MM: dict = {}  # (device index, out dtype) -> how torch._scaled_mm serves fp8 here (probe_scaled_mm)
 
 
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def probe_scaled_mm(device: torch.device, out_dtype: torch.dtype) -> str:
     """Once per device and dtype, before any CUDA graph is captured: can cuBLAS's fp8 GEMM with
     per-row and per-column scales (torch._scaled_mm) write `out_dtype` ("direct"), only bfloat16
     ("via-bf16"), or not at all ("triton")? Its accumulation is exact enough (promoted to fp32,
     unlike Triton's fp8 MMA, whose promotion per K tile costs 2-3x at prefill sizes)."""
-    key = (device.index, out_dtype)
+    key = (_index(device), out_dtype)
     if key not in _SCALED_MM:
         a = torch.ones(32, 32, device=device).to(FP8_DTYPE)
         sa, sb = torch.ones(32, 1, device=device), torch.ones(1, 32, device=device)
@@ -161,7 +165,7 @@ def probe_scaled_mm(device: torch.device, out_dtype: torch.dtype) -> str:
 def fp8_gemm(a: torch.Tensor, w: torch.Tensor, a_scale: torch.Tensor, w_scale: torch.Tensor,
              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """fp8 x fp8 with both scales (and bias): cuBLAS where probe_scaled_mm found it, else quant_gemm."""
-    mode = _SCALED_MM.get((a.device.index, out_dtype), "triton") if a.is_cuda else "triton"
+    mode = _SCALED_MM.get((_index(a.device), out_dtype), "triton") if a.is_cuda else "triton"
     if mode == "triton":
         return quant_gemm(a, w, w_scale, bias, a_scale=a_scale, out_dtype=out_dtype)
     dt = out_dtype if mode == "direct" else torch.bfloat16

@@ -35,7 +35,7 @@ FOLDS = {  # quantized linear -> where its 1/s is folded (recorded in the manife
 
 def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
     """s [in] for one linear (weight [out, in]); 1 where a channel saw no activation or has no weight."""
-    a = act_absmax.float()
+    a = act_absmax.float().to(weight.device)
     w = weight.float().abs().amax(dim=0)
     s = a.pow(alpha) / w.pow(1 - alpha)
     ok = (a > 0) & (w > 0) & torch.isfinite(s)
@@ -55,8 +55,8 @@ def smooth_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, layer: int, stats
     f[p + "input_norm.weight"] /= s
     # o_proj <- v rows of qkv_proj, one factor per (kv head, dim) shared by the heads of its group
     kvh, hd, group = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
-    a = stats[p + "attn.o_proj"].float().view(kvh, group, hd).amax(dim=1)
     wo = f[p + "attn.o_proj.weight"]
+    a = stats[p + "attn.o_proj"].float().to(wo.device).view(kvh, group, hd).amax(dim=1)
     w = wo.abs().amax(dim=0).view(kvh, group, hd).amax(dim=1)
     s_kv = smoothing_factors(a.reshape(-1), w.reshape(1, -1), alpha)  # [kvh * hd]
     wo *= s_kv.view(kvh, 1, hd).expand(kvh, group, hd).reshape(1, -1)

@@ -69,9 +69,10 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="calibration windows (default %(default)s)")
     g.add_argument("--calib-seq-len", type=int, default=d.calib_seq_len,
                    help="tokens per calibration window (default %(default)s)")
-    g.add_argument("--smoothquant-alpha", type=float, default=d.smoothquant_alpha,
-                   help="int8-sq: how much of the activations' range moves into the weights, in [0, 1] "
-                        "(default %(default)s)")
+    g.add_argument("--smoothquant-alpha", type=_alpha, default=d.smoothquant_alpha, metavar="ALPHA|auto",
+                   help="int8-sq: how much of the activations' range moves into the weights, in [0, 1], or "
+                        "'auto': per linear layer, the alpha (0.3..0.9) whose int8 product is closest to the "
+                        "float one on calibration inputs (default %(default)s)")
     g.add_argument("--fp8-activations", default=d.fp8_activations, choices=FP8_ACTIVATIONS,
                    help="fp8: per-token scales computed at run time, or one static scale per layer from "
                         "calibration (default %(default)s)")
@@ -86,6 +87,15 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
                    help="tokens per perplexity window (default %(default)s)")
     g.add_argument("--eval-tokens", type=int, metavar="N",
                    help="score at most N held-out tokens (default: all; the built-in part is ~40k tokens)")
+
+
+def _alpha(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'auto': {text!r}") from None
 
 
 def quant_options(args: argparse.Namespace):

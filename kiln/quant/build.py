@@ -29,6 +29,7 @@ from kiln.quant.recipe import FP8_ACTIVATIONS, RECIPES, QuantScheme
 
 MAX_CALIB_SAMPLES = 4096
 MAX_SEQ_LEN = 8192
+SAMPLE_ROWS = 512  # calibration input rows per linear layer kept for --smoothquant-alpha auto
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class QuantOptions:
     calib_data: str = "builtin"  # "builtin" or a .txt / .jsonl path
     calib_samples: int = 128
     calib_seq_len: int = 512
-    smoothquant_alpha: float = 0.5
+    smoothquant_alpha: float | str = 0.5  # or "auto": chosen per linear layer (kiln.quant.smooth)
     fp8_activations: str = "dynamic"
     accuracy_gate: bool = True
     max_ppl_increase: float = 1.0  # percent
@@ -57,8 +58,9 @@ class QuantOptions:
         for flag, n in (("--calib-seq-len", self.calib_seq_len), ("--eval-seq-len", self.eval_seq_len)):
             if not 17 <= n <= MAX_SEQ_LEN:
                 raise BuildError(f"{flag} must be in [17, {MAX_SEQ_LEN}], got {n}")
-        if not 0.0 <= self.smoothquant_alpha <= 1.0:
-            raise BuildError(f"--smoothquant-alpha must be in [0, 1], got {self.smoothquant_alpha}")
+        a = self.smoothquant_alpha
+        if a != "auto" and (isinstance(a, str) or not 0.0 <= a <= 1.0):
+            raise BuildError(f"--smoothquant-alpha must be in [0, 1] or 'auto', got {a}")
         if not self.max_ppl_increase >= 0:
             raise BuildError(f"--max-ppl-increase must be >= 0 (percent), got {self.max_ppl_increase}")
         if self.eval_tokens is not None and self.eval_tokens < self.eval_seq_len:
@@ -184,27 +186,38 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
                 "max_increase_pct": opts.max_ppl_increase}
 
     seq = max(opts.calib_seq_len if calib_windows else 0, opts.eval_seq_len if eval_windows else 0, 17)
-    stats = None
+    stats = samples = None
+    auto = scheme.recipe == "int8-sq" and opts.smoothquant_alpha == "auto"
     if calib_windows or eval_windows:
         core = _open(engine_dir, device, seq)
         if calib_windows:
-            stats = activation_absmax(core, calib_windows, progress)
+            stats = activation_absmax(core, calib_windows, progress, sample_rows=SAMPLE_ROWS if auto else 0)
+            if auto:
+                stats, samples = stats
             save_stats(engine_dir / CALIBRATION_NAME, stats)
         if eval_windows:
             ref = perplexity(core, eval_windows, progress, desc="perplexity (unquantized)")
         _release(core)
 
     tensors = load_weights(manifest, "cpu")
+    alpha = opts.smoothquant_alpha
+    alphas = None
+    if auto:
+        from kiln.quant.smooth import search_alphas
+
+        alphas = alpha = search_alphas(tensors, manifest.model, stats, samples, device)
+        del samples
     tmp_weights = engine_dir / (WEIGHTS_NAME + ".quantized")
     entry = write_weights(tmp_weights, runtime_layout(manifest.model, scheme), manifest.dtype,
                           (t for _, t in quantized_tensors(tensors, manifest.model, scheme, manifest.dtype, stats,
-                                                           opts.smoothquant_alpha, device)),
+                                                           alpha, device)),
                           progress, f"quantizing ({opts.recipe})")
     del tensors
     gc.collect()
     os.replace(tmp_weights, engine_dir / WEIGHTS_NAME)
     entry["file"] = WEIGHTS_NAME
-    record = quant_record(scheme, opts.smoothquant_alpha if scheme.recipe == "int8-sq" else None, calibration)
+    record = quant_record(scheme, opts.smoothquant_alpha if scheme.recipe == "int8-sq" else None, calibration,
+                          alphas)
     record["accuracy_gate"] = gate
     raw = manifest.to_dict()
     raw.update(weights=[entry], quant=record)

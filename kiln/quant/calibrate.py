@@ -21,20 +21,28 @@ CALIBRATION_NAME = "calibration.safetensors"
 
 
 @torch.inference_mode()
-def activation_absmax(core: EngineCore, windows: list[list[int]], progress: bool = True) -> dict[str, torch.Tensor]:
-    """{linear name: float32 [in_features] per-channel max |x|} over all windows (on the CPU)."""
+def activation_absmax(core: EngineCore, windows: list[list[int]], progress: bool = True,
+                      sample_rows: int = 0) -> dict[str, torch.Tensor] | tuple[dict, dict]:
+    """{linear name: float32 [in_features] per-channel max |x|} over all windows (on the CPU).
+    With `sample_rows`, also {linear name: [~sample_rows, in_features]} input rows, taken evenly
+    from every window (not its first token), for choosing SmoothQuant's alpha per layer."""
     from tqdm import tqdm
 
     model = core.runner.model
     names = quantized_linear_names(core.manifest.model.num_layers)
     modules = dict(model.named_modules())
     stats: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    per_window = -(-sample_rows // max(len(windows), 1)) if sample_rows else 0
 
     def hook(name):
         def record(_module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1])
             m = x.abs().amax(dim=0).float()
             stats[name] = m if name not in stats else torch.maximum(stats[name], m)
+            if per_window:
+                idx = torch.linspace(1, x.shape[0] - 1, per_window, device=x.device).round().long()
+                samples.setdefault(name, []).append(x.index_select(0, idx).cpu())
         return record
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
@@ -50,7 +58,10 @@ def activation_absmax(core: EngineCore, windows: list[list[int]], progress: bool
     missing = [n for n in names if n not in stats]
     if missing:
         raise RuntimeError(f"calibration saw no input for {missing[0]}")
-    return {n: stats[n].cpu() for n in names}
+    stats = {n: stats[n].cpu() for n in names}
+    if not sample_rows:
+        return stats
+    return stats, {n: torch.cat(samples[n])[:sample_rows] for n in names}
 
 
 def save_stats(path, stats: dict[str, torch.Tensor]) -> None:

@@ -21,12 +21,13 @@ def _layer_of(name: str) -> int | None:
 
 
 def quantized_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme: QuantScheme, dtype: torch.dtype,
-                      stats: dict[str, torch.Tensor] | None = None, alpha: float | None = None,
+                      stats: dict[str, torch.Tensor] | None = None, alpha: float | dict | None = None,
                       device: str | torch.device = "cpu") -> Iterator[tuple[WeightSpec, torch.Tensor]]:
     """(spec, tensor on the CPU) for every tensor of the quantized layout, in its order.
 
     `tensors`: the unquantized engine's runtime tensors (dtype `dtype`). `stats`: calibration
-    maxima per linear input (kiln.quant.calibrate), needed for int8-sq (with `alpha`) and for
+    maxima per linear input (kiln.quant.calibrate), needed for int8-sq (with `alpha`: one value, or
+    one per linear from kiln.quant.smooth.search_alphas) and for
     static fp8 activation scales. `device`: where the arithmetic runs (a GPU quantizes 7B in seconds).
     """
     smooth = scheme.recipe == "int8-sq"
@@ -59,7 +60,8 @@ def quantized_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme
         yield spec, out.cpu().contiguous()
 
 
-def quant_record(scheme: QuantScheme, alpha: float | None, calibration: dict | None) -> dict:
+def quant_record(scheme: QuantScheme, alpha: float | str | None, calibration: dict | None,
+                 alphas: dict[str, float] | None = None) -> dict:
     """The manifest's `quant` entry before the gate: the recipe and the origin of every scale."""
     wmax = QMAX if scheme.weight_dtype == "int8" else FP8_MAX
     rec: dict = {
@@ -88,6 +90,10 @@ def quant_record(scheme: QuantScheme, alpha: float | None, calibration: dict | N
     if scheme.recipe == "int8-sq":
         rec["smoothquant"] = {"alpha": alpha, "factors": "s = max|x|^alpha / max|w|^(1-alpha) per input "
                               "channel, from calibration.safetensors", "folded_into": dict(FOLDS)}
+        if alphas is not None:
+            rec["smoothquant"]["alphas"] = alphas
+            rec["smoothquant"]["alpha_choice"] = ("per linear layer, the alpha of 0.3..0.9 whose W8A8 product is "
+                                                  "closest to the float product on calibration input rows")
     if calibration is not None:
         rec["calibration"] = calibration
     return rec

@@ -15,6 +15,11 @@ into whatever produces x, and each fold is exact in real arithmetic:
 
 Dividing a whole output row of qkv_proj or gate_up_proj by a factor does not change that row's
 per-channel int8 codes, only its scale: the folds into v and up add no quantization error.
+
+alpha is one number for every layer, or "auto": for each linear layer, the alpha of ALPHA_GRID
+whose W8A8 product on a sample of that layer's calibration inputs is closest (squared error) to
+the float product (`search_alphas`). The folds are independent between linear layers, so each
+layer's choice is its own.
 """
 
 from __future__ import annotations
@@ -22,8 +27,11 @@ from __future__ import annotations
 import torch
 
 from kiln.config import ModelConfig
+from kiln.quant.int8 import quantize_rows
+from kiln.quant.recipe import QUANT_LINEARS
 
 MIN_FACTOR = 1e-5
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 FOLDS = {  # quantized linear -> where its 1/s is folded (recorded in the manifest)
     "attn.qkv_proj": "input_norm.weight",
@@ -42,37 +50,71 @@ def smoothing_factors(act_absmax: torch.Tensor, weight: torch.Tensor, alpha: flo
     return torch.where(ok, s.clamp(min=MIN_FACTOR), torch.ones_like(s))
 
 
+def linear_factors(cfg: ModelConfig, kind: str, act_absmax: torch.Tensor, weight: torch.Tensor,
+                   alpha: float) -> torch.Tensor:
+    """The factors of one linear (`kind` in QUANT_LINEARS) over its input channels; for o_proj one
+    factor per (kv head, dim), repeated over the query heads of its group."""
+    if kind != "attn.o_proj":
+        return smoothing_factors(act_absmax, weight, alpha)
+    kvh, hd, group = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+    a = act_absmax.float().to(weight.device).view(kvh, group, hd).amax(dim=1)
+    w = weight.float().abs().amax(dim=0).view(kvh, group, hd).amax(dim=1)
+    s_kv = smoothing_factors(a.reshape(-1), w.reshape(1, -1), alpha)
+    return s_kv.view(kvh, 1, hd).expand(kvh, group, hd).reshape(-1)
+
+
 def smooth_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, layer: int, stats: dict[str, torch.Tensor],
-                 alpha: float) -> dict[str, torch.Tensor]:
+                 alpha: float | dict[str, float]) -> dict[str, torch.Tensor]:
     """Apply SmoothQuant to one decoder layer's float tensors `t` (runtime names); returns the
-    changed tensors in float32 (the caller casts them back)."""
+    layer's tensors in float32 (the caller casts them back). `alpha`: one value, or one per
+    linear name (`layers.{i}.attn.qkv_proj`, ...)."""
     p = f"layers.{layer}."
     f = {k: v.float().clone() for k, v in t.items() if k.startswith(p)}
-    bias = cfg.qkv_bias
-    # qkv_proj <- input_norm
-    s = smoothing_factors(stats[p + "attn.qkv_proj"], f[p + "attn.qkv_proj.weight"], alpha)
-    f[p + "attn.qkv_proj.weight"] *= s[None, :]
-    f[p + "input_norm.weight"] /= s
-    # o_proj <- v rows of qkv_proj, one factor per (kv head, dim) shared by the heads of its group
+
+    def factors(kind):
+        a = alpha if isinstance(alpha, (int, float)) else alpha[p + kind]
+        s = linear_factors(cfg, kind, stats[p + kind], f[p + kind + ".weight"], a)
+        f[p + kind + ".weight"] *= s[None, :]
+        return s
+
+    qkv = f[p + "attn.qkv_proj.weight"]
+    f[p + "input_norm.weight"] /= factors("attn.qkv_proj")
+    s = factors("attn.o_proj")  # the v rows of qkv_proj take one factor per (kv head, dim)
     kvh, hd, group = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
-    wo = f[p + "attn.o_proj.weight"]
-    a = stats[p + "attn.o_proj"].float().to(wo.device).view(kvh, group, hd).amax(dim=1)
-    w = wo.abs().amax(dim=0).view(kvh, group, hd).amax(dim=1)
-    s_kv = smoothing_factors(a.reshape(-1), w.reshape(1, -1), alpha)  # [kvh * hd]
-    wo *= s_kv.view(kvh, 1, hd).expand(kvh, group, hd).reshape(1, -1)
+    s_kv = s.view(kvh, group, hd)[:, 0, :].reshape(-1)
     v0 = cfg.q_size + cfg.kv_size
-    f[p + "attn.qkv_proj.weight"][v0:v0 + cfg.kv_size] /= s_kv[:, None]
-    if bias:
+    qkv[v0:v0 + cfg.kv_size] /= s_kv[:, None]
+    if cfg.qkv_bias:
         f[p + "attn.qkv_proj.bias"][v0:v0 + cfg.kv_size] /= s_kv
-    # gate_up_proj <- post_attn_norm
-    s = smoothing_factors(stats[p + "mlp.gate_up_proj"], f[p + "mlp.gate_up_proj.weight"], alpha)
-    f[p + "mlp.gate_up_proj.weight"] *= s[None, :]
-    f[p + "post_attn_norm.weight"] /= s
-    # down_proj <- up rows of gate_up_proj
+    f[p + "post_attn_norm.weight"] /= factors("mlp.gate_up_proj")
+    s = factors("mlp.down_proj")
     i = cfg.intermediate_size
-    s = smoothing_factors(stats[p + "mlp.down_proj"], f[p + "mlp.down_proj.weight"], alpha)
-    f[p + "mlp.down_proj.weight"] *= s[None, :]
     f[p + "mlp.gate_up_proj.weight"][i:] /= s[:, None]
     if cfg.mlp_bias:
         f[p + "mlp.gate_up_proj.bias"][i:] /= s
     return f
+
+
+def _w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, ref: torch.Tensor) -> float:
+    xq, xs = quantize_rows(x / s[None, :])
+    wq, ws = quantize_rows(w * s[None, :])
+    y = (xq.float() @ wq.float().T) * xs[:, None] * ws[None, :]
+    return float((y - ref).pow(2).sum())
+
+
+@torch.no_grad()
+def search_alphas(tensors: dict[str, torch.Tensor], cfg: ModelConfig, stats: dict[str, torch.Tensor],
+                  samples: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> dict[str, float]:
+    """{linear name: the alpha of ALPHA_GRID with the least W8A8 error on its calibration sample}.
+    For o_proj and down_proj the sample is taken before any smoothing of the layers that feed them,
+    which is what the folds preserve (they divide those inputs by exactly s)."""
+    out = {}
+    for i in range(cfg.num_layers):
+        for kind in QUANT_LINEARS:
+            name = f"layers.{i}.{kind}"
+            w = tensors[name + ".weight"].to(device).float()
+            x = samples[name].to(device).float()
+            ref = x @ w.T
+            errs = [_w8a8_error(x, w, linear_factors(cfg, kind, stats[name], w, a), ref) for a in ALPHA_GRID]
+            out[name] = ALPHA_GRID[min(range(len(errs)), key=errs.__getitem__)]
+    return out

@@ -236,3 +236,27 @@ def test_default_model_gate_failure_writes_nothing(tmp_path, capsys):
     nums = [float(x) for x in __import__("re").findall(r"perplexity ([\d.]+) unquantized -> ([\d.]+)", err[0])[0]]
     assert nums[1] > nums[0] * 1.000001 and "0.0001%" in err[0]
     assert not out.exists() and not list(tmp_path.glob(".strict*"))
+
+
+def test_serve_shows_the_recipe_and_gate(tmp_path):
+    """A real `kiln serve` of a quantized engine: /v1/models carries the recipe and the gate result,
+    the ready log line names them, and the openai client gets a completion."""
+    import httpx
+    import openai
+    from serve_helpers import serving
+
+    make_hf_dir("qwen2-qkv-bias", tmp_path / "hf")
+    opts = QuantOptions(recipe="int8-weight", eval_data=word_text(tmp_path / "held.txt", 300, 9), eval_seq_len=48,
+                        max_ppl_increase=50.0)
+    engine = build_engine(str(tmp_path / "hf"), tmp_path / "tiny-int8", **SHAPE, quant=opts)
+    gate = read_manifest(engine).quant["accuracy_gate"]
+    with serving(engine) as srv:
+        card = httpx.get(srv.url + "/v1/models", timeout=10).json()["data"][0]
+        q = card["quantization"]
+        assert card["dtype"] == "float32" and q["recipe"] == "int8-weight"
+        assert q["accuracy_gate"]["passed"] is True
+        assert q["accuracy_gate"]["ppl_quantized"] == gate["ppl_quantized"]
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+        out = client.completions.create(model=card["id"], prompt="w5 w6 w7", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens == 4
+        assert "quantization: int8-weight, gate passed" in srv.output()

@@ -1,4 +1,5 @@
-"""The quantizing part of `kiln build`: calibrate, quantize, and gate on perplexity.
+"""The quantizing part of `kiln build` (torch is imported only when it runs: the CLI parser reads
+QuantOptions in the torch-free HTTP process): calibrate, quantize, and gate on perplexity.
 
 The builder first writes the unquantized engine into its temporary directory. Then, there:
 1. calibration (int8-sq, static fp8): activation maxima of the unquantized engine on calibration
@@ -21,8 +22,6 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from kiln.errors import BuildError
 from kiln.quant.recipe import FP8_ACTIVATIONS, RECIPES, QuantScheme
@@ -120,6 +119,8 @@ def text_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | N
 
 
 def _open(engine_dir: Path, device: str, seq_len: int):
+    import torch
+
     from kiln.engine.core import EngineCore, EngineOptions
     from kiln.engine_dir import read_manifest
 
@@ -131,6 +132,8 @@ def _open(engine_dir: Path, device: str, seq_len: int):
 
 
 def _release(core) -> None:
+    import torch
+
     del core
     gc.collect()
     if torch.cuda.is_available():

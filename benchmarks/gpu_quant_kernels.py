@@ -45,6 +45,24 @@ GEMM_CANDIDATES = {
 SAVE = lambda: None  # noqa: E731  (main sets it: results are written after every row)
 
 
+def sweep(row: dict, label: str, tag: str, candidates, fn, digits: int) -> float:
+    """Time fn(i, cfg) for each config (None: the kernel's own choice); write the default's and the
+    best's times and the best config into row under `tag`; return the best seconds."""
+    best = None
+    for cfg in candidates:
+        try:
+            t = timed(lambda i: fn(i, cfg))
+        except Exception as e:  # a config that does not compile here
+            print(f"  {label} {tag} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            continue
+        if cfg is None:
+            row[f"{tag}_default_us"] = round(t * 1e6, digits)
+        if best is None or t < best[0]:
+            best = (t, cfg)
+    row[f"{tag}_best_us"], row[f"{tag}_best_cfg"] = round(best[0] * 1e6, digits), best[1]
+    return best[0]
+
+
 def err(y, ref) -> float:
     return float((y.double() - ref).abs().max() / ref.abs().max())
 
@@ -71,22 +89,12 @@ def bench_gemv(quick: bool, out: list) -> list[dict]:
                 return None
 
             row = {"shape": name, "m": m, "fp16_us": round(timed(lambda i: call(w16[i], {}, None)) * 1e6, 2)}
+            cands = [c for c in (GEMV_CANDIDATES[:1] if quick else GEMV_CANDIDATES)
+                     if c is None or not ((c[0] == 1 and m > 1) or (glu and len(c) > 5))]
             for tag, codes in (("int8", qi), ("fp8", qf)):
-                best = None
-                for cfg in (GEMV_CANDIDATES[:1] if quick else GEMV_CANDIDATES):
-                    if cfg is not None and ((cfg[0] == 1 and m > 1) or (glu and len(cfg) > 5)):
-                        continue
-                    try:
-                        t = timed(lambda i: call(codes[i][0], {"w_scale": codes[i][1]}, cfg))
-                    except Exception as e:  # a config that does not compile here
-                        print(f"  {name} m={m} {tag} {cfg}: {type(e).__name__}", flush=True)
-                        continue
-                    if cfg is None:
-                        row[f"{tag}_default_us"] = round(t * 1e6, 2)
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                row[f"{tag}_best_us"], row[f"{tag}_best_cfg"] = round(best[0] * 1e6, 2), best[1]
-                row[f"{tag}_weight_tb_s"] = round(codes[0][0].numel() / best[0] / 1e12, 2)
+                t = sweep(row, f"{name} m={m}", tag, cands,
+                          lambda i, cfg, codes=codes: call(codes[i][0], {"w_scale": codes[i][1]}, cfg), 2)
+                row[f"{tag}_weight_tb_s"] = round(codes[0][0].numel() / t / 1e12, 2)
             if kind.startswith("norm"):  # correctness of the default config
                 w, s = qi[0]
                 ref = (x.double() @ (w.double() * s.double()[:, None]).T)
@@ -120,19 +128,9 @@ def bench_gemm(quick: bool, out: list) -> list[dict]:
                                                         out_dtype=torch.float16, config=c)),
             }
             for tag, (cand, fn) in variants.items():
-                best = None
-                for cfg in (GEMM_CANDIDATES[cand][:1] if quick else GEMM_CANDIDATES[cand]):
-                    try:
-                        t = timed(lambda i: fn(i, cfg))
-                    except Exception as e:
-                        print(f"  {name} m={m} {tag} {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-                        continue
-                    if cfg is None:
-                        row[f"{tag}_default_us"] = round(t * 1e6, 1)
-                    if best is None or t < best[0]:
-                        best = (t, cfg)
-                row[f"{tag}_best_us"], row[f"{tag}_best_cfg"] = round(best[0] * 1e6, 1), best[1]
-                row[f"{tag}_tflops"] = round(2 * m * n * k / best[0] / 1e12, 1)
+                t = sweep(row, f"{name} m={m}", tag, GEMM_CANDIDATES[cand][:1] if quick else GEMM_CANDIDATES[cand],
+                          fn, 1)
+                row[f"{tag}_tflops"] = round(2 * m * n * k / t / 1e12, 1)
             # torch's own int8 / fp8 GEMMs, with the scaling as a separate op where it is not fused
             try:
                 row["torch_int_mm_us"] = round(timed(lambda i: (torch._int_mm(xi, qi[i % 2][0].T).float()

@@ -142,8 +142,7 @@ def write_weights(path: Path, specs: list[WeightSpec], dtype: torch.dtype, tenso
     safetensors file at `path`, fsync it, and return its manifest entry (size and sha256)."""
     from tqdm import tqdm
 
-    dtypes = DTYPES | {"float8_e4m3fn": torch.float8_e4m3fn, "int8": torch.int8}
-    want = [dtypes[s.dtype] if s.dtype else dtype for s in specs]
+    want = [getattr(torch, s.dtype) if s.dtype else dtype for s in specs]
     header = safetensors_header([(s.name, d, s.shape) for s, d in zip(specs, want)])
     sha = WeightHasher()
     bar = tqdm(total=len(specs), desc=desc, unit="tensor", file=sys.stderr, disable=not progress)

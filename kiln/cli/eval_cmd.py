@@ -32,7 +32,7 @@ def run_ppl(args: argparse.Namespace) -> int:
     from kiln.engine.core import pick_device
     from kiln.engine_dir import read_manifest
     from kiln.errors import KilnError
-    from kiln.quant.build import MAX_SEQ_LEN, _open, corpus, text_windows
+    from kiln.quant.build import MAX_SEQ_LEN, corpus, open_for_windows, text_windows
     from kiln.quant.perplexity import perplexity
     from kiln.quant.recipe import describe
     from kiln.tokenizer import Tokenizer
@@ -48,7 +48,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         raise KilnError(f"the data has fewer than --seq-len {args.seq_len} tokens (or --max-tokens is below it)")
     device = str(pick_device(args.device))
     t0 = time.perf_counter()
-    core = _open(m.path, device, args.seq_len)
+    core = open_for_windows(m.path, device, args.seq_len)
     r = perplexity(core, windows, progress=not args.no_progress)
     r.update(engine=str(m.path), quant=describe(m.quant), data=desc["source"], seq_len=args.seq_len,
              device=device, seconds=round(time.perf_counter() - t0, 1))

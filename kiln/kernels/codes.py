@@ -13,6 +13,9 @@ two fp16 pairs, two paired subtractions; otherwise the same steps in Triton ops 
 
 from __future__ import annotations
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -36,13 +39,12 @@ def int8_to_half(w, FAST: tl.constexpr):
     return (byte | 0x6400).to(tl.float16, bitcast=True) - 1152.0
 
 
-def fast_codes(t) -> bool:
+_PTX = torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def fast_codes(t: torch.Tensor) -> bool:
     """Whether kernels on tensor t's device take int8_to_half's PTX path (CUDA, not the interpreter)."""
-    import os
-
-    import torch
-
-    return t.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+    return _PTX and t.is_cuda
 
 
 @triton.jit

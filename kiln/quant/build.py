@@ -118,7 +118,8 @@ def text_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | N
     return token_windows(toks, seq_len, max_windows, separator=sep)
 
 
-def _open(engine_dir: Path, device: str, seq_len: int):
+def open_for_windows(engine_dir: Path, device: str, seq_len: int):
+    """The engine loaded for window passes (calibration, perplexity): eager, a KV pool for one window."""
     import torch
 
     from kiln.engine.core import EngineCore, EngineOptions
@@ -160,12 +161,12 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
                           manifest.eos_token_ids)
     max_len = manifest.profile.max_seq_len
     calib_windows = eval_windows = None
-    calibration = None
+    calibration = calib_texts = None
     if opts.needs_calibration:
-        texts, desc = corpus(opts.calib_data, "calibration")
+        calib_texts, desc = corpus(opts.calib_data, "calibration")
         if opts.calib_seq_len > max_len:
             raise BuildError(f"--calib-seq-len {opts.calib_seq_len} exceeds the engine's max_seq_len {max_len}")
-        calib_windows = text_windows(tokenizer, texts, opts.calib_seq_len, opts.calib_samples)
+        calib_windows = text_windows(tokenizer, calib_texts, opts.calib_seq_len, opts.calib_samples)
         if not calib_windows:
             raise BuildError(f"calibration data has fewer than {opts.calib_seq_len} tokens")
         calibration = {"data": desc, "samples": len(calib_windows), "seq_len": opts.calib_seq_len,
@@ -176,8 +177,7 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
     gate: dict = {"enabled": False, "reason": "--no-accuracy-gate"}
     if opts.accuracy_gate:
         held, eval_desc = corpus(opts.eval_data, "held-out")
-        if opts.needs_calibration or opts.calib_data != "builtin":
-            calib_texts = corpus(opts.calib_data, "calibration")[0]
+        if calib_texts is not None:
             check_disjoint(calib_texts, held)
         if opts.eval_seq_len > max_len:
             raise BuildError(f"--eval-seq-len {opts.eval_seq_len} exceeds the engine's max_seq_len {max_len}")
@@ -192,11 +192,10 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
     stats = samples = None
     auto = scheme.recipe == "int8-sq" and opts.smoothquant_alpha == "auto"
     if calib_windows or eval_windows:
-        core = _open(engine_dir, device, seq)
+        core = open_for_windows(engine_dir, device, seq)
         if calib_windows:
-            stats = activation_absmax(core, calib_windows, progress, sample_rows=SAMPLE_ROWS if auto else 0)
-            if auto:
-                stats, samples = stats
+            stats, samples = activation_absmax(core, calib_windows, progress,
+                                               sample_rows=SAMPLE_ROWS if auto else 0)
             save_stats(engine_dir / CALIBRATION_NAME, stats)
         if eval_windows:
             ref = perplexity(core, eval_windows, progress, desc="perplexity (unquantized)")
@@ -227,7 +226,7 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
     write_manifest(engine_dir, raw)
 
     if eval_windows:
-        core = _open(engine_dir, device, seq)
+        core = open_for_windows(engine_dir, device, seq)
         got = perplexity(core, eval_windows, progress, desc=f"perplexity ({opts.recipe})")
         _release(core)
         increase = (got["ppl"] / ref["ppl"] - 1.0) * 100.0

@@ -22,10 +22,10 @@ CALIBRATION_NAME = "calibration.safetensors"
 
 @torch.inference_mode()
 def activation_absmax(core: EngineCore, windows: list[list[int]], progress: bool = True,
-                      sample_rows: int = 0) -> dict[str, torch.Tensor] | tuple[dict, dict]:
-    """{linear name: float32 [in_features] per-channel max |x|} over all windows (on the CPU).
-    With `sample_rows`, also {linear name: [~sample_rows, in_features]} input rows, taken evenly
-    from every window (not its first token), for choosing SmoothQuant's alpha per layer."""
+                      sample_rows: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """({linear name: float32 [in_features] per-channel max |x|} over all windows, on the CPU;
+    {linear name: [<= sample_rows, in_features] input rows}, taken evenly from every window (not its
+    first token), for choosing SmoothQuant's alpha per layer: empty when sample_rows is 0)."""
     from tqdm import tqdm
 
     model = core.runner.model
@@ -58,10 +58,8 @@ def activation_absmax(core: EngineCore, windows: list[list[int]], progress: bool
     missing = [n for n in names if n not in stats]
     if missing:
         raise RuntimeError(f"calibration saw no input for {missing[0]}")
-    stats = {n: stats[n].cpu() for n in names}
-    if not sample_rows:
-        return stats
-    return stats, {n: torch.cat(samples[n])[:sample_rows] for n in names}
+    return ({n: stats[n].cpu() for n in names},
+            {n: torch.cat(samples[n])[:sample_rows] for n in names} if sample_rows else {})
 
 
 def save_stats(path, stats: dict[str, torch.Tensor]) -> None:

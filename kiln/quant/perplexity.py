@@ -43,7 +43,6 @@ def window_forward(core: EngineCore, tokens: list[int]):
         pool.free(blocks)
 
 
-@torch.inference_mode()
 def window_nll(core: EngineCore, tokens: list[int]) -> tuple[float, int]:
     """(sum of -log p(token_i | tokens_<i) for i >= 1, number of predicted tokens) of one window."""
     if len(tokens) < 2:

@@ -8,8 +8,12 @@ batch-1 decode ms/step (128 in / 128 out), TTFT of a 2048-token prompt, decode m
 offline throughput of 1024 x 128/128, weight memory, and a torch.profiler view of one decode step
 at batch 1 and 256. Each engine is deleted after its measurements (disk).
 
-Usage: python benchmarks/gpu_quant.py [--recipes none int8-weight int8-sq fp8] [--tokenizer-from DIR]
-       [--json OUT] [--workdir /tmp] [--no-throughput] [--no-profile]
+A recipe name may carry suffixes: `+kv8` adds `--kv-cache-dtype fp8` (calibrated E4M3 KV cache),
+`+norot` adds `--no-rotation` (int8-sq / fp8 without the Hadamard rotations); e.g. fp8+kv8.
+`--max-batch-size` sets the engines' profile (default 256; the b256 row always uses 256).
+
+Usage: python benchmarks/gpu_quant.py [--recipes none int8-weight int8-sq fp8 fp8+kv8] [--tokenizer-from DIR]
+       [--json OUT] [--workdir /tmp] [--no-throughput] [--no-profile] [--max-batch-size N]
 """
 
 from __future__ import annotations
@@ -29,16 +33,19 @@ from gpu_compare import environment, profile_decode_step  # noqa: E402
 from gpu_7b_baseline import copy_bandwidth  # noqa: E402
 
 
-def build(recipe: str, out: Path, tokenizer_from: str | None) -> float:
+def build(spec: str, out: Path, tokenizer_from: str | None, max_batch: int) -> float:
     from kiln.build.builder import build_engine
     from kiln.build.dummy import DummySource
     from kiln.quant.build import QuantOptions
 
+    recipe, *extra = spec.split("+")
+    opts = QuantOptions(recipe=recipe, accuracy_gate=False, calib_samples=32,
+                        kv_cache="fp8" if "kv8" in extra else "auto", rotation="norot" not in extra)
     t0 = time.perf_counter()
     src = DummySource("llama-2-7b", tokenizer_from=tokenizer_from)
     try:
-        build_engine(src, out, dtype="float16", device="cuda", max_batch_size=256, max_num_tokens=8192,
-                     progress=False, quant=QuantOptions(recipe=recipe, accuracy_gate=False, calib_samples=32))
+        build_engine(src, out, dtype="float16", device="cuda", max_batch_size=max_batch, max_num_tokens=8192,
+                     progress=False, quant=opts)
     finally:
         src.close()
     return time.perf_counter() - t0
@@ -85,18 +92,20 @@ def main() -> int:
     ap.add_argument("--no-throughput", action="store_true")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--keep", action="store_true", help="keep the engines")
+    ap.add_argument("--max-batch-size", type=int, default=256)
     args = ap.parse_args()
     res: dict = {"env": environment(), "copy_bw_tb_s": None, "recipes": {}}
     bw = copy_bandwidth()
     res["copy_bw_tb_s"] = round(bw / 1e12, 3)
     for recipe in args.recipes:
-        engine = args.workdir / f"kiln-llama-2-7b-{recipe}"
+        engine = args.workdir / f"kiln-llama-2-7b-{recipe}-b{args.max_batch_size}"
         r = res["recipes"][recipe] = {}
         if not (engine / "manifest.json").is_file():
-            r["build_s"] = round(build(recipe, engine, args.tokenizer_from), 1)
+            r["build_s"] = round(build(recipe, engine, args.tokenizer_from, args.max_batch_size), 1)
         print(f"== {recipe} (built in {r.get('build_s')} s)", flush=True)
         r.update(measure(engine, bw, not args.no_profile, not args.no_throughput))
         r["quant"] = json.loads((engine / "manifest.json").read_text())["quant"]
+        r["max_batch_size"] = args.max_batch_size
         if not args.keep:
             shutil.rmtree(engine, ignore_errors=True)
         if args.json:

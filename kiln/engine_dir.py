@@ -86,6 +86,13 @@ class EngineManifest:
         return QuantScheme.from_manifest(self.quant)
 
     @property
+    def kv_cache_spec(self):
+        """The engine's kiln.quant.kv_cache.KVCacheSpec (fp8 KV cache), or None (engine dtype)."""
+        from kiln.quant.kv_cache import KVCacheSpec
+
+        return KVCacheSpec.from_manifest(self.quant, self.model.num_layers)
+
+    @property
     def tokenizer_path(self) -> Path:
         return self.path / self.tokenizer["file"]
 
@@ -233,6 +240,7 @@ def read_manifest(engine_dir: str | os.PathLike) -> EngineManifest:
         raise EngineLoadError(f"{mpath}: malformed manifest ({_one_line(e)})") from None
     try:
         m.quant_scheme
+        m.kv_cache_spec
     except ValueError as e:
         raise EngineLoadError(f"{mpath}: {e}; rebuild the engine or upgrade kiln") from None
     for p in m.weight_paths:

@@ -103,3 +103,29 @@ def test_split_merge_leaves_its_arrival_counters_at_zero():
     assert not _arrival_counters(q.device, 0).any()
     again = paged_decode_attention(q, kc, vc, bt, sl, 0.125, num_splits=4, min_split_tokens=8)
     assert torch.equal(first, again)
+
+
+def fp8_cache(cache, scale):
+    """E4M3 codes of cache / scale (saturated) and the values they stand for, in float64."""
+    codes = (cache.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return codes, codes.double() * scale
+
+
+@pytest.mark.parametrize("seq_lens,heads,kv_heads,d", CASES[:3])
+@pytest.mark.parametrize("splits", [1, None])
+def test_fp8_cache_matches_reference_on_its_values(seq_lens, heads, kv_heads, d, splits):
+    """An fp8 cache: codes with per-layer k and v scales, against float64 attention over the values
+    the codes stand for (the kernel converts them to q's dtype and folds both scales in)."""
+    dtype = torch.float32 if DEVICE == "cpu" else torch.float16
+    q, kc, vc, bt, sl = make(seq_lens, heads, kv_heads, d, dtype, seed=5)
+    ks, vs = 0.013, 0.0071  # codes up to ~300 and ~560 (saturated): both ranges exercised
+    kq, kval = fp8_cache(kc * 4, ks)
+    vq, vval = fp8_cache(vc * 4, vs)
+    want = reference(q, kval, vval, bt, sl, d ** -0.5)
+    got = paged_decode_attention(q.to(DEVICE), kq.to(DEVICE), vq.to(DEVICE), bt.to(DEVICE), sl.to(DEVICE),
+                                 d ** -0.5, num_splits=splits, kv_scales=(ks, vs)).cpu()
+    assert got.dtype == q.dtype and torch.isfinite(got).all()
+    tol = 1e-4 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="kv_scales"):
+        paged_decode_attention(q.to(DEVICE), kq.to(DEVICE), vq.to(DEVICE), bt.to(DEVICE), sl.to(DEVICE), 1.0)

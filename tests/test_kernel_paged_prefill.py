@@ -96,3 +96,24 @@ def test_tiles_cover_every_query_once():
     covered = {(b, m) for b, s in zip(seq.tolist(), start.tolist()) for m in range(s, min(s + BLOCK_M, q_lens[b]))}
     assert covered == {(b, m) for b, n in enumerate(q_lens) for m in range(n)}
     assert len(seq) == sum(-(-n // BLOCK_M) for n in q_lens)
+
+
+@pytest.mark.parametrize("seq_lens,q_lens,heads,kv_heads,d", CASES[:2])
+def test_fp8_cache_matches_reference_on_its_values(seq_lens, q_lens, heads, kv_heads, d):
+    """An fp8 cache with per-layer k and v scales, against float64 attention over the values its
+    codes stand for."""
+    dtype = torch.float32 if DEVICE == "cpu" else torch.float16
+    tables, bt, kc, vc = make(seq_lens, heads, kv_heads, d, dtype, seed=3)
+    ks, vs = 0.02, 0.009
+    kq = (kc.float() * 3 / ks).clamp(-448, 448).to(torch.float8_e4m3fn)
+    vq = (vc.float() * 3 / vs).clamp(-448, 448).to(torch.float8_e4m3fn)
+    t = sum(q_lens)
+    q = torch.randn(t, heads, d, generator=torch.Generator().manual_seed(2)).to(dtype)
+    want = reference(q, kq.double() * ks, vq.double() * vs, tables, seq_lens, q_lens, d ** -0.5)
+    tile_seq, tile_start = prefill_tiles(np.array(q_lens))
+    qs = torch.tensor(np.concatenate([[0], np.cumsum(q_lens)]), dtype=torch.int32)
+    dev = lambda x: torch.as_tensor(x).to(DEVICE)  # noqa: E731
+    got = paged_prefill_attention(dev(q), dev(kq), dev(vq), dev(bt), dev(torch.tensor(seq_lens, dtype=torch.int32)),
+                                  dev(qs), dev(tile_seq), dev(tile_start), d ** -0.5, kv_scales=(ks, vs)).cpu()
+    tol = 1e-4 if dtype == torch.float32 else 3e-3
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)

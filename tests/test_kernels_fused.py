@@ -115,3 +115,28 @@ def test_rope_and_cache_with_rotated_keys(t, heads, kv_heads, d):
     torch.testing.assert_close(got_q, apply_rope(q, cos_sin), **TOL)
     torch.testing.assert_close(got_k, apply_rope(k, cos_sin), **TOL)
     assert torch.equal(got_k, kc.view(-1, kv_heads, d)[slots])
+
+
+@pytest.mark.parametrize("t,heads,kv_heads,d", ROPE_CASES[1:3])
+def test_rope_and_cache_into_an_fp8_cache(t, heads, kv_heads, d):
+    """fp8 cache: the E4M3 codes of rotated k / k_scale and v / v_scale, saturated at +-448, against
+    float64 rotation then torch's own cast (a code may differ by one step where the kernel's single
+    rounding of the rotation lands on the other side of a tie); the rotated keys returned stay exact."""
+    q, k, v, cos_sin = qkv_views(t, heads, kv_heads, d, seed=21)
+    slots = torch.arange(2, 2 + t).to(DEVICE)
+    kc, vc = (torch.zeros(4, BS, kv_heads, d, dtype=torch.float8_e4m3fn, device=DEVICE) for _ in range(2))
+    ks, vs = 0.004, 0.002  # some |k| / ks and |v| / vs above 448: saturation is exercised
+    got_q, got_k = rope_and_cache(q, k, v, cos_sin, kc, vc, slots, with_k=True, kv_scales=(ks, vs))
+    torch.testing.assert_close(got_k, apply_rope(k, cos_sin), **TOL)
+    c, s = cos_sin.double()[:, None, : d // 2], cos_sin.double()[:, None, d // 2:]
+    k1, k2 = k.double()[..., : d // 2], k.double()[..., d // 2:]
+    k_rot = torch.cat([k1 * c - k2 * s, k2 * c + k1 * s], -1)
+    for cache, x, scale in ((kc, k_rot, ks), (vc, v.double(), vs)):
+        want = (x / scale).clamp(-448, 448).float().to(torch.float8_e4m3fn).float()
+        got = cache.view(-1, kv_heads, d)[slots].float()
+        assert (got.abs() <= 448).all() and (want.abs() == 448).any()
+        ulp = 2.0 ** (torch.floor(torch.log2(want.abs().clamp(min=2 ** -6))) - 3)  # one E4M3 step
+        assert ((got - want).abs() <= ulp * (1 + 1e-6)).all()
+        assert ((got - want).abs() > 0).float().mean() < 0.02
+    with pytest.raises(ValueError, match="kv_scales"):
+        rope_and_cache(q, k, v, cos_sin, kc, vc, slots)

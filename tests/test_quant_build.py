@@ -69,11 +69,24 @@ def test_smoothquant_folds_leave_the_float_model_unchanged(tmp_path, family):
         torch.testing.assert_close(h, before, rtol=2e-4, atol=2e-4)
 
 
-def hf_reference_ppl(hf_model, engine, windows):
+def sylvester(n):
+    """Normalized Hadamard matrix of order n, by Kronecker products (independent of kiln.quant.rotate)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.kron(torch.tensor([[1.0, 1.0], [1.0, -1.0]]), h)
+    return h / n ** 0.5
+
+
+def hf_reference_ppl(hf_model, engine, windows, hidden: list | None = None):
     """transformers' perplexity with the engine's dequantized weights (and smoothed norms), its
-    activations quantized at every quantized linear's input as the recipe says."""
+    activations quantized at every quantized linear's input as the recipe says; with the recipe's
+    rotations, down_proj's input is rotated before it is quantized (the other rotation is in the
+    weights: v rows and o_proj columns). `hidden`: a list that receives the final hidden states
+    [len, hidden] of the first window."""
     m = read_manifest(engine)
     scheme, cfg = m.quant_scheme, m.model
+    rot = scheme.rotate if scheme else 0
+    hmat = sylvester(rot) if rot else None
     t = load_weights(m)
     sd = hf_model.state_dict()
 
@@ -81,7 +94,7 @@ def hf_reference_ppl(hf_model, engine, windows):
         return t[prefix + ".qweight"].float() * t[prefix + ".wscale"][:, None]
 
     hooks = []
-    for i, layer in enumerate(hf_model.model.layers):
+    for i, layer in enumerate(hf_model.model.layers if scheme else []):  # none: float weights as they are
         p = f"layers.{i}."
         qkv = deq(p + "attn.qkv_proj")
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size])
@@ -102,9 +115,11 @@ def hf_reference_ppl(hf_model, engine, windows):
                          ("mlp.down_proj", "mlp.down_proj")):
             act_scale = t.get(p + src + ".act_scale")
 
-            def fake_quant(_mod, args, act_scale=act_scale):
+            def fake_quant(_mod, args, act_scale=act_scale, rotate=rot and src == "mlp.down_proj"):
                 x = args[0]
                 x2 = x.reshape(-1, x.shape[-1])
+                if rotate:
+                    x2 = x2 @ torch.block_diag(*[hmat] * (x2.shape[-1] // rot))
                 if scheme.act_quant == "int8":
                     qx, s = quantize_rows(x2)
                     x2 = qx.float() * s[:, None]
@@ -117,37 +132,71 @@ def hf_reference_ppl(hf_model, engine, windows):
 
             hooks.append(hf_model.get_submodule(f"model.layers.{i}.{lin}").register_forward_pre_hook(fake_quant))
     hf_model.load_state_dict(sd)
+    kv = m.quant.get("kv_cache")
+    if kv:  # keys (after rotary embedding) and values as the fp8 cache holds them
+        from transformers import AttentionInterface
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        def fp8_kv_attention(module, query, key, value, *args, **kw):
+            i = module.layer_idx
+            fq = lambda x, s: (x.float() / s).clamp(-448, 448).to(torch.float8_e4m3fn).float().mul(s).to(x.dtype)  # noqa: E731
+            return sdpa_attention_forward(module, query, fq(key, kv["k_scale"][i]), fq(value, kv["v_scale"][i]),
+                                          *args, **kw)
+
+        AttentionInterface.register("test_fp8_kv", fp8_kv_attention)
+        hf_model.set_attn_implementation("test_fp8_kv")
     nll = n = 0.0
     try:
         with torch.no_grad():
+            if hidden is not None:
+                hidden.append(hf_model.model(torch.tensor([windows[0]])).last_hidden_state[0])
             for w in windows:
                 nll += hf_model(torch.tensor([w]), labels=torch.tensor([w])).loss.item() * (len(w) - 1)
                 n += len(w) - 1
     finally:
         for h in hooks:
             h.remove()
+        if kv:
+            hf_model.set_attn_implementation("sdpa")
     return float(torch.tensor(nll / n).exp())
 
 
-@pytest.mark.parametrize("family,recipe,acts", [
-    ("smollm2-gqa-tied", "int8-weight", "dynamic"), ("qwen2-qkv-bias", "int8-sq", "dynamic"),
-    ("llama2-mha", "int8-sq", "dynamic"), ("smollm2-gqa-tied", "int8-sq", "auto-alpha"),
-    ("smollm2-gqa-tied", "fp8", "dynamic"), ("qwen3-qk-norm", "fp8", "static")])
-def test_quantized_engine_matches_transformers_with_the_same_quantization(tmp_path, family, recipe, acts):
+# Hadamard blocks: the largest power of two <= 64 dividing intermediate_size (96 here) and head_dim:
+# 16 for head_dim 16, none for smollm2's head_dim 8 (under 16), none for weight-only and static fp8.
+@pytest.mark.parametrize("family,recipe,acts,block", [
+    ("smollm2-gqa-tied", "int8-weight", "dynamic", 0), ("qwen2-qkv-bias", "int8-sq", "dynamic", 16),
+    ("llama2-mha", "int8-sq", "no-rotation", 0), ("smollm2-gqa-tied", "int8-sq", "auto-alpha", 0),
+    ("llama2-mha", "fp8", "dynamic", 16), ("qwen3-qk-norm", "fp8", "static", 0),
+    ("qwen2-qkv-bias", "none", "fp8-kv", 0), ("llama2-mha", "int8-sq", "fp8-kv", 16)])
+def test_quantized_engine_matches_transformers_with_the_same_quantization(tmp_path, family, recipe, acts, block):
     hf = make_hf_dir(family, tmp_path / "hf")
-    kw = dict(smoothquant_alpha="auto") if acts == "auto-alpha" else dict(fp8_activations=acts)
+    kw = {"auto-alpha": dict(smoothquant_alpha="auto"), "no-rotation": dict(rotation=False),
+          "fp8-kv": dict(kv_cache="fp8")}.get(acts, dict(fp8_activations=acts))
     engine = build_engine(str(tmp_path / "hf"), tmp_path / "e", **SHAPE, quant=tiny_quant(tmp_path, recipe, **kw))
     m = read_manifest(engine)
+    assert (m.quant_scheme.rotate if m.quant_scheme else 0) == block
+    assert m.quant.get("rotation", {}).get("block", 0) == block
+    if acts == "fp8-kv":  # one (k, v) scale pair per layer, from calibration; the pool holds fp8 codes
+        spec = m.kv_cache_spec
+        assert len(spec.k_scales) == m.model.num_layers and min(spec.k_scales + spec.v_scales) > 0
+        assert core_of(engine).runner.kv_caches.dtype == torch.float8_e4m3fn
+    if family == "smollm2-gqa-tied" and recipe == "int8-sq":
+        assert "head_dim 8" in m.quant["rotation"]["not_applied"]
     assert m.quant["recipe"] == recipe and m.quant["accuracy_gate"] == {"enabled": False,
                                                                           "reason": "--no-accuracy-gate"}
-    assert (engine / CALIBRATION_NAME).exists() == (recipe == "int8-sq" or acts == "static")
+    assert (engine / CALIBRATION_NAME).exists() == (recipe == "int8-sq" or acts in ("static", "fp8-kv"))
     if acts == "auto-alpha":  # one alpha per linear layer, from the grid, recorded
         alphas = m.quant["smoothquant"]["alphas"]
         assert len(alphas) == 4 * m.model.num_layers and set(alphas.values()) <= {0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9}
     rng = random.Random(4)
     windows = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (40, 33)]
-    got = perplexity(core_of(engine), windows)["ppl"]
-    assert got == pytest.approx(hf_reference_ppl(hf, engine, windows), rel=1e-3)
+    core = core_of(engine)
+    got = perplexity(core, windows)["ppl"]
+    hidden = []
+    assert got == pytest.approx(hf_reference_ppl(hf, engine, windows, hidden), rel=1e-3)
+    if recipe == "none":  # float weights, fp8 KV: no activation codes to flip, so compare hidden states
+        with window_forward(core, windows[0]) as h:
+            torch.testing.assert_close(h, hidden[0], rtol=1e-4, atol=1e-4)
 
 
 def test_quantized_weights_are_smaller_and_typed(tmp_path):
@@ -199,13 +248,12 @@ def test_unknown_recipe_in_a_manifest_is_refused(tmp_path):
 GATE = ["--calib-samples", "8", "--calib-seq-len", "256", "--eval-tokens", "2048", "--no-progress"]
 
 
-# int8-weight passes the default 1% gate. int8-sq on this 135M model costs ~1.1% (full held-out
-# part, BENCHMARKS.md): it is held to 2%, issue 5's accuracy goal for it; the default threshold is
-# not met yet (see the issue notes).
-@pytest.mark.parametrize("recipe,limit", [("int8-weight", 1.0), ("int8-sq", 2.0)])
+# Both pass the default 1% gate: int8-weight (+0.13% on the full held-out part, BENCHMARKS.md) and
+# int8-sq with its Hadamard rotations (+0.75%; without them +1.11%).
+@pytest.mark.parametrize("recipe,limit", [("int8-weight", 1.0), ("int8-sq", 1.0)])
 def test_default_model_passes_the_gate(tmp_path, recipe, limit, capsys):
     out = tmp_path / recipe
-    assert main(["build", "default", "-o", str(out), "--quant", recipe, "--max-ppl-increase", str(limit), *GATE]) == 0
+    assert main(["build", "default", "-o", str(out), "--quant", recipe, *GATE]) == 0
     gate = read_manifest(out).quant["accuracy_gate"]
     assert gate["enabled"] and gate["passed"] and gate["max_increase_pct"] == limit and gate["tokens"] == 2044
     assert 5 < gate["ppl_reference"] < 50 and -1.0 <= gate["increase_pct"] <= limit
@@ -224,7 +272,9 @@ def test_default_model_passes_the_gate(tmp_path, recipe, limit, capsys):
         from safetensors.torch import load_file
 
         s = load_file(str(stats))
-        assert len(s) == 4 * core.manifest.model.num_layers and all((v >= 0).all() for v in s.values())
+        assert len(s) == 4 * core.manifest.model.num_layers + 1 and all((v >= 0).all() for v in s.values())
+        assert s["kv_cache.absmax"].shape == (core.manifest.model.num_layers, 2)
+        assert core.manifest.quant["rotation"]["block"] == 64 and core.manifest.quant_scheme.rotate == 64
 
 
 def test_default_model_gate_failure_writes_nothing(tmp_path, capsys):

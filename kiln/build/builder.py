@@ -244,7 +244,7 @@ def build_engine(
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; an engine is an ordinary directory
         try:
             _build_into(src, tmp, resolve_dtype(dtype, src), profile, progress, dummy, device)
-            if quant is not None and quant.recipe != "none":
+            if quant is not None and quant.active:
                 from kiln.quant.build import quantize_engine
 
                 quantize_engine(tmp, quant, device, progress)

@@ -51,6 +51,7 @@ def register(sub) -> None:
 
 def add_quant_options(p: argparse.ArgumentParser) -> None:
     from kiln.quant.build import QuantOptions
+    from kiln.quant.kv_cache import KV_CACHE_DTYPES
     from kiln.quant.recipe import FP8_ACTIVATIONS, RECIPES
 
     d = QuantOptions()
@@ -76,6 +77,14 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fp8-activations", default=d.fp8_activations, choices=FP8_ACTIVATIONS,
                    help="fp8: per-token scales computed at run time, or one static scale per layer from "
                         "calibration (default %(default)s)")
+    g.add_argument("--kv-cache-dtype", default=d.kv_cache, choices=KV_CACHE_DTYPES,
+                   help="fp8: store keys and values as E4M3 codes with per-layer scales from calibration "
+                        "(half the KV bytes: twice the cached tokens, half the decode attention traffic; "
+                        "GPUs of compute capability >= 8.9, or the CPU); works with every --quant and is "
+                        "gated like it. auto: the engine dtype (default)")
+    g.add_argument("--no-rotation", action="store_true",
+                   help="int8-sq and dynamic fp8: do not rotate down_proj's and o_proj's inputs by a block "
+                        "Hadamard before quantizing them (rotations spread outlier channels; on by default)")
     g.add_argument("--max-ppl-increase", type=float, default=d.max_ppl_increase, metavar="PCT",
                    help="accuracy gate: most perplexity increase allowed, in percent (default %(default)s)")
     g.add_argument("--no-accuracy-gate", action="store_true",
@@ -104,7 +113,7 @@ def quant_options(args: argparse.Namespace):
     return QuantOptions(
         recipe=args.quant, calib_data=args.calib_data, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, smoothquant_alpha=args.smoothquant_alpha,
-        fp8_activations=args.fp8_activations, accuracy_gate=not args.no_accuracy_gate,
+        fp8_activations=args.fp8_activations, rotation=not args.no_rotation, kv_cache=args.kv_cache_dtype, accuracy_gate=not args.no_accuracy_gate,
         max_ppl_increase=args.max_ppl_increase, eval_data=args.eval_data, eval_seq_len=args.eval_seq_len,
         eval_tokens=args.eval_tokens)
 

@@ -79,11 +79,12 @@ class ModelRunner:
         self.device = device
         self.dtype = manifest.dtype
         quant = manifest.quant_scheme
-        if quant is not None and quant.recipe == "fp8" and device.type == "cuda" \
-                and torch.cuda.get_device_capability(device) < (8, 9):
+        fp8 = (quant is not None and quant.recipe == "fp8") or manifest.kv_cache_spec is not None
+        if fp8 and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
             cc = ".".join(map(str, torch.cuda.get_device_capability(device)))
-            raise EngineLoadError(f"fp8 engines need a GPU of compute capability >= 8.9 (this one is {cc}); "
-                                  "build an int8 engine for it, or run on the CPU")
+            raise EngineLoadError(f"fp8 engines and fp8 KV caches need a GPU of compute capability >= 8.9 (this "
+                                  f"one is {cc}); build an int8 engine with the default cache for it, or run "
+                                  "on the CPU")
         weights = load_weights(manifest, device)
         if device.type == "cpu" and not map_weights:
             weights = {name: t.clone() for name, t in weights.items()}  # see EngineOptions.map_weights
@@ -98,10 +99,15 @@ class ModelRunner:
         self.weight_bytes = sum(t.numel() * t.element_size() for t in weights.values())
         self.rope_table = rope_cos_sin(cfg, self.profile.max_seq_len, device)
         self.block_size = self.profile.block_size
+        self.kv_spec = manifest.kv_cache_spec
+        self.kv_dtype = self.dtype if self.kv_spec is None else getattr(torch, self.kv_spec.dtype)
+        if self.kv_spec is not None:
+            for i, layer in enumerate(self.model.layers):
+                layer.attn.kv_scales = self.kv_spec.layer(i)
         self.num_blocks = self._plan_num_blocks(kv_cache_memory, kv_cache_fraction)
         self.kv_caches = zeroed_pool(
             (cfg.num_layers, 2, self.num_blocks, self.block_size, cfg.num_kv_heads, cfg.head_dim),
-            self.dtype, device, prefault=prefault_kv_cache,
+            self.kv_dtype, device, prefault=prefault_kv_cache,
         )
         self.sampler = Sampler()
         self.staging = HostStaging(device)
@@ -124,7 +130,7 @@ class ModelRunner:
 
     @property
     def block_bytes(self) -> int:
-        elt = torch.empty((), dtype=self.dtype).element_size()
+        elt = torch.empty((), dtype=self.kv_dtype).element_size()
         return self.cfg.kv_bytes_per_token(elt) * self.block_size
 
     @property

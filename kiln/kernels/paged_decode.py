@@ -36,7 +36,7 @@ def _decode_split_kernel(
     stride_ab, stride_ah, stride_as,
     stride_mb, stride_mh, stride_ms,
     stride_ob, stride_oh,
-    scale, num_splits, min_split,
+    scale, v_scale, num_splits, min_split,
     G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     TILE: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -51,7 +51,7 @@ def _decode_split_kernel(
     d_ok = d < D
     gd_ok = g_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gd_ok, other=0.0)
-    q = (q.to(tl.float32) * scale).to(K.dtype.element_ty)  # [BLOCK_G, BLOCK_D]: padded rows are 0
+    q = (q.to(tl.float32) * scale).to(Q.dtype.element_ty)  # [BLOCK_G, BLOCK_D]: padded rows are 0
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -69,14 +69,15 @@ def _decode_split_kernel(
         pos = t0 + tok
         ok = pos < last
         bid, slot = tile_slots(BT, b, stride_btb, pos, ok, BS)
-        k = load_tile(K, bid, slot, ok, kvh, d, d_ok, stride_kb, stride_ks, stride_kh)
+        k = load_tile(K, bid, slot, ok, kvh, d, d_ok, stride_kb, stride_ks, stride_kh).to(Q.dtype.element_ty)
         s = tl.where(ok[None, :], dot(q, tl.trans(k), IEEE), float("-inf"))  # [BLOCK_G, TILE]
-        v = load_tile(V, bid, slot, ok, kvh, d, d_ok, stride_vb, stride_vs, stride_vh)
+        v = load_tile(V, bid, slot, ok, kvh, d, d_ok, stride_vb, stride_vs, stride_vh).to(Q.dtype.element_ty)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE)
     o_ptr = O + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
     if used == 1:
         if split == 0:
-            tl.store(o_ptr, (acc / tl.where(g_ok, l_i, 1.0)[:, None]).to(O.dtype.element_ty), mask=gd_ok)
+            tl.store(o_ptr, (acc * (v_scale / tl.where(g_ok, l_i, 1.0))[:, None]).to(O.dtype.element_ty),
+                     mask=gd_ok)
     elif split < used:
         a_ptr = ACC + b * stride_ab + heads[:, None] * stride_ah + d[None, :]
         m_ptr = ML + b * stride_mb + heads * stride_mh
@@ -104,7 +105,8 @@ def _decode_split_kernel(
                 l_tot = l_tot * alpha + l_s * beta
                 out = out * alpha[:, None] + a_s * beta[:, None]
                 m_tot = m_new
-            tl.store(o_ptr, (out / tl.where(g_ok, l_tot, 1.0)[:, None]).to(O.dtype.element_ty), mask=gd_ok)
+            tl.store(o_ptr, (out * (v_scale / tl.where(g_ok, l_tot, 1.0))[:, None]).to(O.dtype.element_ty),
+                     mask=gd_ok)
             tl.atomic_xchg(cnt, 0, sem="relaxed", scope="gpu")
 
 
@@ -131,17 +133,21 @@ MIN_SPLIT_TOKENS = 64
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None, min_split_tokens: int = MIN_SPLIT_TOKENS,
-                           config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                           config: tuple[int, int, int] | None = None,
+                           kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
     """Attention of one query per sequence over its paged context.
 
     q [B, heads, D]; k_cache, v_cache [blocks, block_size, kv_heads, D] (one layer of the pool);
     block_tables [B, max_blocks] (int32 or int64); seq_lens [B] context lengths (>= 1, including
     the new token, whose K/V must already be written). Returns [B, heads, D] in q's dtype.
     num_splits: the most splits per sequence (a sequence uses one per min_split_tokens of its
-    context); config: (TILE tokens, warps, stages), for sweeps.
+    context); config: (TILE tokens, warps, stages), for sweeps. An fp8 cache (kiln.quant.kv_cache)
+    needs `kv_scales` (k, v): the codes are converted to q's dtype, k's scale folds into the score
+    scale and v's into the output normalization.
     """
     b, heads, d = q.shape
-    bs, kv_heads = check_paged(q, k_cache, v_cache)
+    bs, kv_heads = check_paged(q, k_cache, v_cache, kv_scales)
+    ks, vs = kv_scales or (1.0, 1.0)
     g = heads // kv_heads
     max_blocks = block_tables.shape[1]
     splits = num_splits or num_splits_for(b, kv_heads, max_blocks)
@@ -161,8 +167,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         acc.stride(0), acc.stride(1), acc.stride(2),
         ml.stride(0), ml.stride(1), ml.stride(2),
         out.stride(0), out.stride(1),
-        scale, splits, max(1, min_split_tokens),
+        scale * ks, vs, splits, max(1, min_split_tokens),
         G=g, BLOCK_G=block_g, D=d, BLOCK_D=block_d, BS=bs, TILE=tile,
-        IEEE=k_cache.dtype == torch.float32, num_warps=warps, num_stages=stages,
+        IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )
     return out

@@ -28,7 +28,7 @@ def _prefill_kernel(
     Q, K, V, O, BT, SL, QS, TILE_SEQ, TILE_START,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_btb,
-    scale, window,
+    scale, v_scale, window,
     G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, IEEE: tl.constexpr,
 ):
@@ -62,16 +62,16 @@ def _prefill_kernel(
         pos = n0 + tok
         ok = pos < hi
         bid, slot = tile_slots(BT, b, stride_btb, pos, ok, BS)
-        k = load_tile(K, bid, slot, ok, kvh, d, d_ok, stride_kb, stride_ks, stride_kh)
+        k = load_tile(K, bid, slot, ok, kvh, d, d_ok, stride_kb, stride_ks, stride_kh).to(Q.dtype.element_ty)
         s = dot(q, tl.trans(k), IEEE) * scale
         allowed = ok[None, :] & (pos[None, :] <= qpos[:, None])
         if HAS_WINDOW:
             allowed = allowed & (qpos[:, None] - pos[None, :] < window)
         s = tl.where(allowed, s, float("-inf"))
-        v = load_tile(V, bid, slot, ok, kvh, d, d_ok, stride_vb, stride_vs, stride_vh)
+        v = load_tile(V, bid, slot, ok, kvh, d, d_ok, stride_vb, stride_vs, stride_vh).to(Q.dtype.element_ty)
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, IEEE)
     l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past q_len (never stored)
-    out = acc / l_i[:, None]
+    out = acc * (v_scale / l_i)[:, None]
     tl.store(O + rows[:, None] * stride_ot + h * stride_oh + d[None, :], out.to(O.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
 
@@ -79,28 +79,30 @@ def _prefill_kernel(
 def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start: torch.Tensor,
                             tile_seq: torch.Tensor, tile_start: torch.Tensor, scale: float,
-                            sliding_window: int | None = None) -> torch.Tensor:
+                            sliding_window: int | None = None,
+                            kv_scales: tuple[float, float] | None = None) -> torch.Tensor:
     """Causal attention of flat queries q [T, heads, D] over their sequences' paged contexts.
 
     Sequence b owns query rows query_start[b]:query_start[b+1], the last positions of its context
     of seq_lens[b] tokens, all of whose K/V are in k_cache/v_cache [blocks, block_size, kv_heads, D]
     at block_tables[b]. tile_seq/tile_start: `prefill_tiles` of the sequences' query counts.
-    Returns [T, heads, D] in q's dtype.
+    Returns [T, heads, D] in q's dtype. An fp8 cache needs `kv_scales` (as paged_decode_attention).
     """
     t, heads, d = q.shape
-    bs, kv_heads = check_paged(q, k_cache, v_cache)
+    bs, kv_heads = check_paged(q, k_cache, v_cache, kv_scales)
+    ks, vs = kv_scales or (1.0, 1.0)
     out = torch.empty(t, heads, d, dtype=q.dtype, device=q.device)
     n_tiles = tile_seq.shape[0]
     if n_tiles == 0:
         return out
     block_d = max(triton.next_power_of_2(d), 16)
-    fp32 = k_cache.dtype == torch.float32
+    fp32 = q.dtype == torch.float32
     _prefill_kernel[(n_tiles, heads)](
         q, k_cache, v_cache, out, block_tables, seq_lens, query_start, tile_seq, tile_start,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        scale, sliding_window or 0,
+        scale * ks, vs, sliding_window or 0,
         G=heads // kv_heads, D=d, BLOCK_D=block_d, BS=bs, BLOCK_M=BLOCK_M,
         BLOCK_N=32 if fp32 else 64, HAS_WINDOW=sliding_window is not None, IEEE=fp32,
         num_warps=4, num_stages=1 if fp32 else 2,

@@ -9,10 +9,14 @@ import triton
 import triton.language as tl
 
 
-def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[int, int]:
+def check_paged(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                kv_scales: tuple[float, float] | None = None) -> tuple[int, int]:
     """Refuse inputs the kernels cannot read; returns (block_size, kv_heads) of the cache
-    [blocks, block_size, kv_heads, D]."""
+    [blocks, block_size, kv_heads, D], in q's dtype or float8_e4m3fn with `kv_scales`."""
     heads, kv_heads = q.shape[1], k_cache.shape[2]
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if v_cache.dtype != k_cache.dtype or (not fp8 and k_cache.dtype != q.dtype) or fp8 != (kv_scales is not None):
+        raise ValueError("the KV cache must be in q's dtype, or float8_e4m3fn with kv_scales")
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} kv heads")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or q.stride(-1) != 1:

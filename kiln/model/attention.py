@@ -90,36 +90,48 @@ def current_metadata() -> AttentionMetadata:
     return _CTX.meta
 
 
+KVScales = tuple[float, float] | None  # a layer's (k, v) scales of an fp8 cache (kiln.quant.kv_cache)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    """Store [T, kv_heads, head_dim] keys/values at their slots of [blocks, block_size, kv_heads, hd]."""
+             slot_mapping: torch.Tensor, kv_scales: KVScales = None) -> None:
+    """Store [T, kv_heads, head_dim] keys/values at their slots of [blocks, block_size, kv_heads, hd]
+    (as fp8 codes of k / k_scale and v / v_scale when `kv_scales` is given)."""
     kv_heads, hd = k_cache.shape[-2:]
     slot_mapping = slot_mapping.long()  # index_copy_ takes int64 indices only
+    if kv_scales is not None:
+        from kiln.quant.kv_cache import quantize_kv
+
+        # index_copy_ has no fp8 kernel on the CPU: copy the codes' bytes
+        k, v = quantize_kv(k, kv_scales[0]).view(torch.uint8), quantize_kv(v, kv_scales[1]).view(torch.uint8)
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     k_cache.view(-1, kv_heads, hd).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, kv_heads, hd).index_copy_(0, slot_mapping, v)
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                   kv_scales: KVScales = None) -> torch.Tensor:
     """Rotate q and k, store k and v at their cache slots, return the rotated q [T, heads, hd]:
     one Triton kernel on CUDA, `apply_rope` + `write_kv` (the reference) elsewhere."""
     if use_kernels(q):
         from kiln.kernels.rope_cache import rope_and_cache as kernel
 
-        return kernel(q, k, v, cos_sin, k_cache, v_cache, slot_mapping)
-    write_kv(k_cache, v_cache, apply_rope(k, cos_sin), v, slot_mapping)
+        return kernel(q, k, v, cos_sin, k_cache, v_cache, slot_mapping, kv_scales=kv_scales)
+    write_kv(k_cache, v_cache, apply_rope(k, cos_sin), v, slot_mapping, kv_scales)
     return apply_rope(q, cos_sin)
 
 
 def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-                    scale: float) -> torch.Tensor:
+                    scale: float, kv_scales: KVScales = None) -> torch.Tensor:
     """A fresh prompt on a GPU (`AttentionMetadata.fresh`): rotate, store the keys and values,
-    then causal SDPA (flash) over the rotated q and k and the step's v, not through the cache.
-    Padding tokens after the prompt (a CUDA-graph bucket) come last, so no real query sees them."""
+    then causal SDPA (flash) over the rotated q and k and the step's v, not through the cache
+    (so unquantized, with an fp8 cache). Padding tokens after the prompt (a CUDA-graph bucket)
+    come last, so no real query sees them."""
     from kiln.kernels.rope_cache import rope_and_cache as kernel
 
-    q, k = kernel(q, k, v, cos_sin, k_cache, v_cache, meta.slot_mapping, with_k=True)
+    q, k = kernel(q, k, v, cos_sin, k_cache, v_cache, meta.slot_mapping, with_k=True, kv_scales=kv_scales)
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None],
                                          v.transpose(0, 1)[None], is_causal=True, scale=scale,
                                          enable_gqa=k.shape[1] != q.shape[1])
@@ -127,8 +139,9 @@ def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos_sin: 
 
 
 def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                        meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """Attention of flat queries [T, heads, hd] over the paged cache; returns [T, heads, hd]."""
+                        meta: AttentionMetadata, scale: float, kv_scales: KVScales = None) -> torch.Tensor:
+    """Attention of flat queries [T, heads, hd] over the paged cache (fp8 codes dequantized with
+    `kv_scales`); returns [T, heads, hd]."""
     t, heads, hd = q.shape
     b = meta.seq_lens.shape[0]
     kv_heads = k_cache.shape[-2]
@@ -136,13 +149,17 @@ def paged_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     qp = qp.view(b, meta.max_q, heads, hd).transpose(1, 2)
     keys = k_cache[meta.block_tables].reshape(b, meta.max_kv, kv_heads, hd).transpose(1, 2)
     values = v_cache[meta.block_tables].reshape(b, meta.max_kv, kv_heads, hd).transpose(1, 2)
+    if kv_scales is not None:
+        from kiln.quant.kv_cache import dequantize_kv
+
+        keys, values = dequantize_kv(keys, kv_scales[0], q.dtype), dequantize_kv(values, kv_scales[1], q.dtype)
     out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=meta.attn_bias(q.dtype), scale=scale,
                                          enable_gqa=kv_heads != heads)
     return out.transpose(1, 2).reshape(b * meta.max_q, heads, hd).index_select(0, meta.query_index)
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+                    meta: AttentionMetadata, scale: float, kv_scales: KVScales = None) -> torch.Tensor:
     """The attention a step runs. On a GPU: a batch of pure decodes (one query per sequence, no
     sliding window) goes to the Triton paged-decode kernel (split along the context), any other
     batch (prompts, chunks, prefix-cache tails, decodes mixed in) to the Triton prefill kernel.
@@ -151,10 +168,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if meta.max_q == 1 and meta.sliding_window is None:
             from kiln.kernels.paged_decode import paged_decode_attention
 
-            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale)
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
+                                          kv_scales=kv_scales)
         from kiln.kernels.paged_prefill import paged_prefill_attention
 
         return paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens,
                                        meta.query_start, meta.tile_seq, meta.tile_start, scale,
-                                       meta.sliding_window)
-    return paged_attention_ref(q, k_cache, v_cache, meta, scale)
+                                       meta.sliding_window, kv_scales=kv_scales)
+    return paged_attention_ref(q, k_cache, v_cache, meta, scale, kv_scales)

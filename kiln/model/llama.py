@@ -14,7 +14,7 @@ from kiln.config import ModelConfig
 from kiln.kernels import use_kernels
 from kiln.model.attention import current_metadata, fresh_attention, paged_attention, rope_and_cache
 from kiln.model.layers import GatedMLP, RMSNorm
-from kiln.quant.linear import make_linear, small_linear_args
+from kiln.quant.linear import linear_input, make_linear, small_linear_args
 from kiln.quant.recipe import QuantScheme
 
 SMALL_BATCH_ROWS = 16  # steps of at most this many tokens take the fused small-batch path on a GPU
@@ -31,6 +31,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.scale = cfg.head_dim ** -0.5
+        self.kv_scales = None  # (k, v) scales of an fp8 KV cache (kiln.quant.kv_cache), set at load
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
         return self.o_proj(self.attend(self.qkv_proj(x), cos_sin, kv_cache))
@@ -50,9 +51,10 @@ class Attention(nn.Module):
         meta = current_metadata()
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         if meta.fresh and meta.sliding_window is None and use_kernels(q):
-            return fresh_attention(q, k, v, cos_sin, k_cache, v_cache, meta, self.scale).reshape(t, cfg.q_size)
-        q = rope_and_cache(q, k, v, cos_sin, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention(q, k_cache, v_cache, meta, self.scale).reshape(t, cfg.q_size)
+            return fresh_attention(q, k, v, cos_sin, k_cache, v_cache, meta, self.scale,
+                                   self.kv_scales).reshape(t, cfg.q_size)
+        q = rope_and_cache(q, k, v, cos_sin, k_cache, v_cache, meta.slot_mapping, self.kv_scales)
+        return paged_attention(q, k_cache, v_cache, meta, self.scale, self.kv_scales).reshape(t, cfg.q_size)
 
 
 class DecoderLayer(nn.Module):
@@ -93,7 +95,7 @@ class DecoderLayer(nn.Module):
         act = gemv(s, w, b, glu=True, norm_weight=self.post_attn_norm.weight, ss_in=ss[1],
                    eps=self.post_attn_norm.eps, **q)
         w, b, q = small_linear_args(mlp.down_proj)
-        gemv(act, w, b, residual=s, ss_out=ss[2], **q)
+        gemv(linear_input(mlp.down_proj, act), w, b, residual=s, ss_out=ss[2], **q)
 
 
 class LlamaModel(nn.Module):

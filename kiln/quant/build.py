@@ -16,6 +16,7 @@ joined with the end-of-sequence token between texts, cut into full windows of se
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import os
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import BuildError
+from kiln.quant.kv_cache import KV_CACHE_DTYPES
 from kiln.quant.recipe import FP8_ACTIVATIONS, RECIPES, QuantScheme
 
 MAX_CALIB_SAMPLES = 4096
@@ -41,6 +43,8 @@ class QuantOptions:
     calib_seq_len: int = 512
     smoothquant_alpha: float | str = 0.5  # or "auto": chosen per linear layer (kiln.quant.smooth)
     fp8_activations: str = "dynamic"
+    rotation: bool = True  # Hadamard rotations of down_proj / o_proj inputs (int8-sq, dynamic fp8)
+    kv_cache: str = "auto"  # "fp8": E4M3 KV cache with calibrated per-layer scales (kiln.quant.kv_cache)
     accuracy_gate: bool = True
     max_ppl_increase: float = 1.0  # percent
     eval_data: str = "builtin"
@@ -50,6 +54,8 @@ class QuantOptions:
     def check(self) -> None:
         if self.recipe not in RECIPES:
             raise BuildError(f"unknown --quant {self.recipe!r}; choose one of {', '.join(RECIPES)}")
+        if self.kv_cache not in KV_CACHE_DTYPES:
+            raise BuildError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}")
         if self.fp8_activations not in FP8_ACTIVATIONS:
             raise BuildError(f"--fp8-activations must be one of {', '.join(FP8_ACTIVATIONS)}")
         if not 1 <= self.calib_samples <= MAX_CALIB_SAMPLES:
@@ -71,9 +77,25 @@ class QuantOptions:
         return None if self.recipe == "none" else QuantScheme(self.recipe, self.fp8_activations)
 
     @property
+    def active(self) -> bool:
+        """Does the build quantize anything (linear layers or the KV cache)?"""
+        return self.recipe != "none" or self.kv_cache == "fp8"
+
+    @property
     def needs_calibration(self) -> bool:
         s = self.scheme
-        return s is not None and (s.recipe == "int8-sq" or s.static_act_scale)
+        return self.kv_cache == "fp8" or (s is not None and (s.recipe == "int8-sq" or s.static_act_scale))
+
+
+def rotation_block(scheme: QuantScheme | None, cfg, wanted: bool) -> tuple[int, str | None]:
+    """(Hadamard block or 0, why none where one was wanted) for a recipe on a model: rotations serve
+    per-token activation quantization (int8-sq, dynamic fp8); static fp8 scales are calibrated on
+    unrotated inputs, and weight-only recipes have nothing to rotate for."""
+    from kiln.quant.rotate import rotation_block_for
+
+    if not wanted or scheme is None or scheme.act_quant is None or scheme.static_act_scale:
+        return 0, None
+    return rotation_block_for(cfg)
 
 
 def corpus(spec: str, part: str) -> tuple[list[str], dict]:
@@ -145,7 +167,8 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
     """Quantize the unquantized engine at `engine_dir` in place (see the module docstring); returns
     the manifest's `quant` entry. Raises BuildError when the accuracy gate fails."""
     from kiln.engine_dir import WEIGHTS_NAME, load_weights, read_manifest, write_manifest
-    from kiln.quant.calibrate import CALIBRATION_NAME, activation_absmax, save_stats
+    from kiln.quant.calibrate import CALIBRATION_NAME, KV_STATS, activation_absmax, save_stats
+    from kiln.quant.kv_cache import kv_record
     from kiln.quant.perplexity import perplexity
     from kiln.quant.quantize import quant_record, quantized_tensors
     from kiln.tokenizer import Tokenizer
@@ -153,10 +176,15 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
     from kiln.model.layout import runtime_layout
 
     opts.check()
-    scheme = opts.scheme
     manifest = read_manifest(engine_dir)
     if manifest.quant_scheme is not None:
         raise BuildError("the engine is already quantized")
+    block, no_rotation = rotation_block(opts.scheme, manifest.model, opts.rotation)
+    if no_rotation:
+        print(f"kiln: no Hadamard rotations: {no_rotation}", file=sys.stderr)
+    scheme = dataclasses.replace(opts.scheme, rotate=block) if opts.scheme is not None else None
+    label = " + ".join(x for x in (opts.recipe if scheme else "", "fp8 KV cache" if opts.kv_cache == "fp8" else "")
+                       if x)
     tokenizer = Tokenizer(str(manifest.tokenizer_path), manifest.chat_template, manifest.special_tokens,
                           manifest.eos_token_ids)
     max_len = manifest.profile.max_seq_len
@@ -190,7 +218,7 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
 
     seq = max(opts.calib_seq_len if calib_windows else 0, opts.eval_seq_len if eval_windows else 0, 17)
     stats = samples = None
-    auto = scheme.recipe == "int8-sq" and opts.smoothquant_alpha == "auto"
+    auto = scheme is not None and scheme.recipe == "int8-sq" and opts.smoothquant_alpha == "auto"
     if calib_windows or eval_windows:
         core = open_for_windows(engine_dir, device, seq)
         if calib_windows:
@@ -201,33 +229,44 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
             ref = perplexity(core, eval_windows, progress, desc="perplexity (unquantized)")
         _release(core)
 
-    tensors = load_weights(manifest, "cpu")
-    alpha = opts.smoothquant_alpha
-    alphas = None
-    if auto:
-        from kiln.quant.smooth import search_alphas
-
-        alphas = alpha = search_alphas(tensors, manifest.model, stats, samples, device)
-        del samples
-    tmp_weights = engine_dir / (WEIGHTS_NAME + ".quantized")
-    entry = write_weights(tmp_weights, runtime_layout(manifest.model, scheme), manifest.dtype,
-                          (t for _, t in quantized_tensors(tensors, manifest.model, scheme, manifest.dtype, stats,
-                                                           alpha, device)),
-                          progress, f"quantizing ({opts.recipe})")
-    del tensors
-    gc.collect()
-    os.replace(tmp_weights, engine_dir / WEIGHTS_NAME)
-    entry["file"] = WEIGHTS_NAME
-    record = quant_record(scheme, opts.smoothquant_alpha if scheme.recipe == "int8-sq" else None, calibration,
-                          alphas)
-    record["accuracy_gate"] = gate
     raw = manifest.to_dict()
-    raw.update(weights=[entry], quant=record)
+    if scheme is not None:
+        tensors = load_weights(manifest, "cpu")
+        alpha = opts.smoothquant_alpha
+        alphas = None
+        if auto:
+            from kiln.quant.smooth import search_alphas
+
+            alphas = alpha = search_alphas(tensors, manifest.model, stats, samples, device, scheme.rotate)
+            del samples
+        tmp_weights = engine_dir / (WEIGHTS_NAME + ".quantized")
+        entry = write_weights(tmp_weights, runtime_layout(manifest.model, scheme), manifest.dtype,
+                              (t for _, t in quantized_tensors(tensors, manifest.model, scheme, manifest.dtype,
+                                                               stats, alpha, device)),
+                              progress, f"quantizing ({opts.recipe})")
+        del tensors
+        gc.collect()
+        os.replace(tmp_weights, engine_dir / WEIGHTS_NAME)
+        entry["file"] = WEIGHTS_NAME
+        raw["weights"] = [entry]
+        record = quant_record(scheme, opts.smoothquant_alpha if scheme.recipe == "int8-sq" else None, calibration,
+                              alphas)
+        if no_rotation:
+            record["rotation"] = {"block": 0, "not_applied": no_rotation}
+    else:
+        record = {"recipe": "none", "quantized": "the KV cache only; every weight keeps the engine dtype",
+                  "calibration": calibration}
+    if opts.kv_cache == "fp8":
+        kv = stats[KV_STATS]
+        record["kv_cache"] = kv_record(kv[:, 0].tolist(), kv[:, 1].tolist(),
+                                       f"{calibration['samples']} calibration windows")
+    record["accuracy_gate"] = gate
+    raw["quant"] = record
     write_manifest(engine_dir, raw)
 
     if eval_windows:
         core = open_for_windows(engine_dir, device, seq)
-        got = perplexity(core, eval_windows, progress, desc=f"perplexity ({opts.recipe})")
+        got = perplexity(core, eval_windows, progress, desc=f"perplexity ({label})")
         _release(core)
         increase = (got["ppl"] / ref["ppl"] - 1.0) * 100.0
         gate.update(tokens=got["tokens"], ppl_reference=round(ref["ppl"], 6), ppl_quantized=round(got["ppl"], 6),
@@ -235,7 +274,7 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
         write_manifest(engine_dir, raw)
         if not gate["passed"]:
             raise BuildError(
-                f"accuracy gate failed: perplexity {ref['ppl']:.4f} unquantized -> {got['ppl']:.4f} {opts.recipe} "
+                f"accuracy gate failed: perplexity {ref['ppl']:.4f} unquantized -> {got['ppl']:.4f} {label} "
                 f"(+{increase:.4f}%, limit --max-ppl-increase {opts.max_ppl_increase:g}%) on {got['tokens']} "
                 "held-out tokens; no engine written")
     return record

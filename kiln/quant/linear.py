@@ -13,6 +13,9 @@ the full-precision weight never exists:
   scales and the bias fused into the epilogue) or fp8 x fp8 (cuBLAS through torch._scaled_mm with
   per-row and per-column scales, where the device has it: Triton's fp8 MMA needs per-tile fp32
   promotion to be accurate on Hopper, which made it 2-3x slower at prefill sizes).
+
+A linear whose input is rotated online (down_proj with the scheme's Hadamard rotations,
+kiln.quant.rotate) rotates x first on every path: its stored weight is rotated too.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ from kiln.kernels import use_kernels
 from kiln.quant.fp8 import FP8_DTYPE, fp8_linear_ref
 from kiln.quant.int8 import int8_weight_linear_ref, quantize_rows
 from kiln.quant.recipe import QuantScheme
+from kiln.quant.rotate import block_rotate
 
 
 class QuantLinear(nn.Module):
     """y = x @ dequant(qweight)^T + bias, computed per `scheme` (see the module docstring)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme):
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme, rotate: int = 0):
         super().__init__()
         self.scheme = scheme
+        self.rotate = rotate  # Hadamard block of the online input rotation; 0: none
         self.in_features, self.out_features = in_features, out_features
         wdtype = torch.int8 if scheme.weight_dtype == "int8" else FP8_DTYPE
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=wdtype))
@@ -43,9 +48,15 @@ class QuantLinear(nn.Module):
             self.act_scale = None
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, recipe={self.scheme.recipe}"
+        rot = f", rotate={self.rotate}" if self.rotate else ""
+        return f"in={self.in_features}, out={self.out_features}, recipe={self.scheme.recipe}{rot}"
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the stored weight expects it: rotated when the layer rotates its input."""
+        return block_rotate(x, self.rotate) if self.rotate else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(x)
         if use_kernels(x) and x.dim() == 2:
             return self._forward_gpu(x)
         return self.reference(x)
@@ -80,15 +91,23 @@ class QuantLinear(nn.Module):
         return quant_gemm(xq, self.qweight, self.wscale, self.bias, a_scale=xs, out_dtype=x.dtype)
 
 
-def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantScheme | None) -> nn.Module:
-    """nn.Linear for an unquantized engine, else a QuantLinear of its scheme."""
+def make_linear(in_features: int, out_features: int, bias: bool, quant: QuantScheme | None,
+                rotated_input: bool = False) -> nn.Module:
+    """nn.Linear for an unquantized engine, else a QuantLinear of its scheme; `rotated_input`: the
+    layer whose input the scheme's rotations turn online (down_proj)."""
     if quant is None:
         return nn.Linear(in_features, out_features, bias=bias)
-    return QuantLinear(in_features, out_features, bias, quant)
+    return QuantLinear(in_features, out_features, bias, quant, quant.rotate if rotated_input else 0)
+
+
+def linear_input(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """x as `linear`'s weight expects it, for callers that pass the weight to a kernel themselves."""
+    return linear.prepare(x) if isinstance(linear, QuantLinear) else x
 
 
 def small_linear_args(linear: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """(weight, bias, extra gemv kwargs) of a linear layer for the fused small-batch kernel."""
+    """(weight, bias, extra gemv kwargs) of a linear layer for the fused small-batch kernel (whose
+    input must first go through `linear_input`)."""
     if isinstance(linear, QuantLinear):
         return linear.qweight, linear.bias, {"w_scale": linear.wscale}
     return linear.weight, linear.bias, {}

@@ -12,6 +12,7 @@ from kiln.model.layout import WeightSpec, runtime_layout
 from kiln.quant.fp8 import FP8_MAX, quantize_rows_fp8
 from kiln.quant.int8 import QMAX, quantize_rows
 from kiln.quant.recipe import QuantScheme
+from kiln.quant.rotate import rotate_layer
 from kiln.quant.smooth import FOLDS, smooth_layer
 
 
@@ -29,6 +30,7 @@ def quantized_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme
     maxima per linear input (kiln.quant.calibrate), needed for int8-sq (with `alpha`: one value, or
     one per linear from kiln.quant.smooth.search_alphas) and for
     static fp8 activation scales. `device`: where the arithmetic runs (a GPU quantizes 7B in seconds).
+    With `scheme.rotate` the smoothed float weights are rotated (kiln.quant.rotate) before quantization.
     """
     smooth = scheme.recipe == "int8-sq"
     if (smooth or scheme.static_act_scale) and stats is None:
@@ -39,9 +41,12 @@ def quantized_tensors(tensors: dict[str, torch.Tensor], cfg: ModelConfig, scheme
         i = _layer_of(spec.name)
         if i is not None and i != layer:
             layer, cache = i, {}
-            if smooth:
+            if smooth or scheme.rotate:
                 layer_tensors = {k: v.to(device) for k, v in tensors.items() if _layer_of(k) == i}
-                cache = smooth_layer(layer_tensors, cfg, i, stats, alpha)
+                cache = (smooth_layer(layer_tensors, cfg, i, stats, alpha) if smooth
+                         else {k: v.float().clone() for k, v in layer_tensors.items()})
+                if scheme.rotate:
+                    rotate_layer(cache, cfg, i, scheme.rotate)
         prefix, _, leaf = spec.name.rpartition(".")
         if leaf == "qweight":
             w = cache.get(prefix + ".weight")
@@ -94,6 +99,15 @@ def quant_record(scheme: QuantScheme, alpha: float | str | None, calibration: di
             rec["smoothquant"]["alphas"] = alphas
             rec["smoothquant"]["alpha_choice"] = ("per linear layer, the alpha of 0.3..0.9 whose W8A8 product is "
                                                   "closest to the float product on calibration input rows")
+    if scheme.rotate:
+        b = scheme.rotate
+        rec["rotation"] = {
+            "block": b, "matrix": f"block-diagonal Sylvester Hadamard of {b} channels, normalized",
+            "mlp.down_proj": "input rotated at run time; weight columns rotated by the build",
+            "attn.o_proj": "folded: each head's v rows of attn.qkv_proj (and bias) and o_proj's columns rotated "
+                           "by the build (values are cached rotated)",
+            "order": "after the SmoothQuant folds, before weight quantization" if scheme.recipe == "int8-sq"
+                     else "before weight quantization"}
     if calibration is not None:
         rec["calibration"] = calibration
     return rec

@@ -24,6 +24,7 @@ class QuantScheme:
 
     recipe: str  # one of RECIPES except "none"
     activations: str = "dynamic"  # fp8 only: "dynamic" (per token) or "static" (per tensor)
+    rotate: int = 0  # Hadamard block of the down_proj / o_proj input rotations (kiln.quant.rotate); 0: none
 
     def __post_init__(self):
         if self.recipe not in WEIGHT_DTYPES:
@@ -55,7 +56,11 @@ class QuantScheme:
         if quant["recipe"] == "none":
             return None
         acts = quant.get("activations") or {}
-        return cls(quant["recipe"], acts.get("scheme", "dynamic") if quant["recipe"] == "fp8" else "dynamic")
+        rot = quant.get("rotation") or {}
+        block = rot.get("block", 0) if isinstance(rot, dict) else 0
+        if not isinstance(block, int) or block < 0 or block & (block - 1):
+            raise ValueError(f"rotation block must be a power of two, got {block!r}")
+        return cls(quant["recipe"], acts.get("scheme", "dynamic") if quant["recipe"] == "fp8" else "dynamic", block)
 
 
 def quantized_linear_names(num_layers: int) -> list[str]:
@@ -66,14 +71,18 @@ def quantized_linear_names(num_layers: int) -> list[str]:
 def gate_summary(quant: Any) -> dict | None:
     """A short public view of an engine's quantization: the recipe and its accuracy gate result
     (for /v1/models and the serve log); None for an unquantized engine."""
-    if not isinstance(quant, dict) or quant.get("recipe") in (None, "none"):
+    if not isinstance(quant, dict) or (quant.get("recipe") in (None, "none") and not quant.get("kv_cache")):
         return None
     gate = quant.get("accuracy_gate") or {}
     out = {"recipe": quant["recipe"]}
+    if quant.get("kv_cache"):
+        out["kv_cache_dtype"] = quant["kv_cache"].get("dtype")
     if quant.get("recipe") == "fp8":
         out["activations"] = (quant.get("activations") or {}).get("scheme", "dynamic")
     if quant.get("smoothquant"):
         out["smoothquant_alpha"] = quant["smoothquant"].get("alpha")
+    if (quant.get("rotation") or {}).get("block"):
+        out["rotation"] = f"hadamard-{quant['rotation']['block']}"
     if gate.get("enabled"):
         out["accuracy_gate"] = {k: gate.get(k) for k in (
             "passed", "ppl_reference", "ppl_quantized", "increase_pct", "max_increase_pct", "tokens")}
@@ -87,11 +96,15 @@ def describe(quant: Any) -> str:
     s = gate_summary(quant)
     if s is None:
         return "none"
-    head = s["recipe"]
+    head = s["recipe"] if s["recipe"] != "none" else "weights unquantized"
     if "smoothquant_alpha" in s:
         head += f" (alpha {s['smoothquant_alpha']})"
     if s.get("activations") == "static":
         head += " (static activation scales)"
+    if "rotation" in s:
+        head += f" ({s['rotation']} rotations)"
+    if "kv_cache_dtype" in s:
+        head += f", {s['kv_cache_dtype']} KV cache"
     g = s["accuracy_gate"]
     if g == "skipped":
         return head + ", accuracy gate skipped (--no-accuracy-gate)"

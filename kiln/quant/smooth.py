@@ -29,6 +29,7 @@ import torch
 from kiln.config import ModelConfig
 from kiln.quant.int8 import quantize_rows
 from kiln.quant.recipe import QUANT_LINEARS
+from kiln.quant.rotate import block_rotate
 
 MIN_FACTOR = 1e-5
 ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -95,19 +96,27 @@ def smooth_layer(t: dict[str, torch.Tensor], cfg: ModelConfig, layer: int, stats
     return f
 
 
-def _w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, ref: torch.Tensor) -> float:
-    xq, xs = quantize_rows(x / s[None, :])
-    wq, ws = quantize_rows(w * s[None, :])
+ROTATED = ("attn.o_proj", "mlp.down_proj")  # the inputs kiln.quant.rotate turns
+
+
+def _w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, ref: torch.Tensor, rotate: int = 0) -> float:
+    xs_, ws_ = x / s[None, :], w * s[None, :]
+    if rotate:
+        xs_, ws_ = block_rotate(xs_, rotate), block_rotate(ws_, rotate)
+    xq, xs = quantize_rows(xs_)
+    wq, ws = quantize_rows(ws_)
     y = (xq.float() @ wq.float().T) * xs[:, None] * ws[None, :]
     return float((y - ref).pow(2).sum())
 
 
 @torch.no_grad()
 def search_alphas(tensors: dict[str, torch.Tensor], cfg: ModelConfig, stats: dict[str, torch.Tensor],
-                  samples: dict[str, torch.Tensor], device: str | torch.device = "cpu") -> dict[str, float]:
+                  samples: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                  rotate: int = 0) -> dict[str, float]:
     """{linear name: the alpha of ALPHA_GRID with the least W8A8 error on its calibration sample}.
     For o_proj and down_proj the sample is taken before any smoothing of the layers that feed them,
-    which is what the folds preserve (they divide those inputs by exactly s)."""
+    which is what the folds preserve (they divide those inputs by exactly s); with `rotate` their
+    smoothed inputs and weights are rotated as the engine will rotate them."""
     out = {}
     for i in range(cfg.num_layers):
         for kind in QUANT_LINEARS:
@@ -115,6 +124,7 @@ def search_alphas(tensors: dict[str, torch.Tensor], cfg: ModelConfig, stats: dic
             w = tensors[name + ".weight"].to(device).float()
             x = samples[name].to(device).float()
             ref = x @ w.T
-            errs = [_w8a8_error(x, w, linear_factors(cfg, kind, stats[name], w, a), ref) for a in ALPHA_GRID]
+            rot = rotate if kind in ROTATED else 0
+            errs = [_w8a8_error(x, w, linear_factors(cfg, kind, stats[name], w, a), ref, rot) for a in ALPHA_GRID]
             out[name] = ALPHA_GRID[min(range(len(errs)), key=errs.__getitem__)]
     return out

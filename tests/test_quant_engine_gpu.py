@@ -4,9 +4,13 @@ cache, through every GPU path (prefill GEMMs with quantized activations, the fus
 GEMV path with the online rotation, CUDA-graph decode, fp8 KV writes and paged reads).
 
 For every step of a greedy GPU run, the logits the GPU computed are compared with the CPU
-reference's logits for the same context (one forward pass over it, window_forward). Tolerance 3%
-of the largest logit: fp16 activations round differently on the two paths, which can move a
-per-token int8 or fp8 activation code, and fp8 KV codes by one step.
+reference's logits for the same context (one forward pass over it, window_forward), relative to
+the largest logit. Prefill steps (the batch's prompts, 60 rows: quantized activations on both
+sides) within 3%: fp16 activations round differently on the two paths, which can move an int8 or
+fp8 activation code, and fp8 KV codes, by one step. Decode steps take the small-batch path, whose
+activations stay in fp16 (kiln.quant.linear) while the reference quantizes them: within 3% for
+int8 (127 levels per token), 10% for fp8 (E4M3 keeps 3 mantissa bits; a random tiny model's
+logits are small, so that is the effect, measured 6.7% on an H100).
 """
 
 from __future__ import annotations
@@ -48,12 +52,14 @@ def test_gpu_paths_match_the_cpu_reference(tmp_path, recipe):
     seen = []
     while gpu.has_unfinished():
         for i, ev in enumerate(gpu.step()):
-            seen.append((ev.request.all_token_ids[:-1], gpu.runner.last_logits[i].float().cpu()))
-    assert len(seen) == 36
+            ctx = ev.request.all_token_ids[:-1]
+            seen.append((ctx, len(ctx) == len(ev.request.prompt_token_ids), gpu.runner.last_logits[i].float().cpu()))
+    assert len(seen) == 36 and sum(p for _, p, _ in seen) == 3
     cpu = EngineCore(engine, EngineOptions(device="cpu", kv_cache_memory=8 << 20))
-    worst = 0.0
-    for ctx, logits in seen:
+    worst = {True: 0.0, False: 0.0}
+    for ctx, prefill, logits in seen:
         with window_forward(cpu, ctx) as h:
             ref = cpu.runner.model.compute_logits(h[-1:])[0].float()
-        worst = max(worst, ((logits - ref).abs().max() / ref.abs().max()).item())
-    assert worst <= 0.03, worst
+        worst[prefill] = max(worst[prefill], ((logits - ref).abs().max() / ref.abs().max()).item())
+    assert worst[True] <= 0.03, worst
+    assert worst[False] <= (0.03 if recipe == "int8-sq" else 0.10), worst

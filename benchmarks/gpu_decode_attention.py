@@ -6,7 +6,10 @@ Cases are (batch, context): batch 1 at a short and a long context (the split cou
 shortest split matter), batches 64 and 256 at short contexts (KV bandwidth). Each timing is a CUDA
 graph of 8 launches over 8 different caches (no launch finds its KV in L2), replayed 20 times.
 
-Usage: python benchmarks/gpu_decode_attention.py [--json OUT]
+With --fp8 the caches are E4M3 codes with one k and one v scale (kiln.quant.kv_cache): half the
+bytes; the reference then attends over the values the codes stand for.
+
+Usage: python benchmarks/gpu_decode_attention.py [--json OUT] [--fp8] [--cases B:N ...]
 """
 
 from __future__ import annotations
@@ -42,12 +45,16 @@ def reference(q, kc, vc, bt, n) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
+    ap.add_argument("--fp8", action="store_true")
+    ap.add_argument("--cases", nargs="+", help="batch:context pairs (default: CASES)")
     args = ap.parse_args()
+    cases = [tuple(int(x) for x in c.split(":")) for c in args.cases] if args.cases else CASES
+    ks, vs = 0.01, 0.01
     dev = torch.device("cuda")
     torch.manual_seed(0)
     configs = [None] + list(itertools.product((32, 64, 128), (2, 4, 8), (2, 3, 4)))
     res: dict = {}
-    for b, n in CASES:
+    for b, n in cases:
         width = 256  # the graphs' block-table width (max_seq_len 4096 / 16)
         nb = b * -(-n // BS) + 1
         kcs = [torch.randn(nb, BS, KVH, D, device=dev, dtype=torch.float16) for _ in range(COPIES)]
@@ -56,15 +63,22 @@ def main() -> None:
         bt[:, : -(-n // BS)] = (torch.randperm(nb - 1, device=dev)[: b * -(-n // BS)] + 1).view(b, -1).int()
         sl = torch.full((b,), n, dtype=torch.int32, device=dev)
         q = torch.randn(b, HEADS, D, device=dev, dtype=torch.float16)
-        gbytes = b * n * KVH * D * 2 * 2 / 1e9
-        ref = reference(q, kcs[0], vcs[0], bt, n)
+        gbytes = b * n * KVH * D * 2 * (1 if args.fp8 else 2) / 1e9
+        scales = None
+        if args.fp8:
+            kcs = [(c / ks).to(torch.float8_e4m3fn) for c in kcs]
+            vcs = [(c / vs).to(torch.float8_e4m3fn) for c in vcs]
+            scales = (ks, vs)
+            ref = reference(q, kcs[0].half() * ks, vcs[0].half() * vs, bt, n)
+        else:
+            ref = reference(q, kcs[0], vcs[0], bt, n)
         row: dict = {}
         splits_opts = [256, 128, 64] if b == 1 else [256]
         for cfg, ms in itertools.product(configs, splits_opts):
             key = f"{cfg}/min{ms}"
             try:
                 fn = lambda i: paged_decode_attention(q, kcs[i], vcs[i], bt, sl, D ** -0.5,  # noqa: E731
-                                                       min_split_tokens=ms, config=cfg)
+                                                       min_split_tokens=ms, config=cfg, kv_scales=scales)
                 got = fn(0)
                 err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
                 t = timed(fn)

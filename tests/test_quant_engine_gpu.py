@@ -5,12 +5,11 @@ GEMV path with the online rotation, CUDA-graph decode, fp8 KV writes and paged r
 
 For every step of a greedy GPU run, the logits the GPU computed are compared with the CPU
 reference's logits for the same context (one forward pass over it, window_forward), relative to
-the largest logit. Prefill steps (the batch's prompts, 60 rows: quantized activations on both
-sides) within 3%: fp16 activations round differently on the two paths, which can move an int8 or
-fp8 activation code, and fp8 KV codes, by one step. Decode steps take the small-batch path, whose
-activations stay in fp16 (kiln.quant.linear) while the reference quantizes them: within 3% for
-int8 (127 levels per token), 10% for fp8 (E4M3 keeps 3 mantissa bits; a random tiny model's
-logits are small, so that is the effect, measured 6.7% on an H100).
+the largest logit. fp16 activations round differently on the two paths, which can move an int8 or
+fp8 activation code, and fp8 KV codes, by one step; decode steps take the small-batch path, whose
+activations stay in fp16 (kiln.quant.linear) while the reference quantizes them. int8 (127 levels
+per token): within 3% everywhere. fp8 (E4M3 keeps 3 mantissa bits, so one code is a 6-12% step):
+prefill within 8%, decode within 10% (measured on an H100: 5.1% and 6.7%).
 """
 
 from __future__ import annotations
@@ -61,5 +60,5 @@ def test_gpu_paths_match_the_cpu_reference(tmp_path, recipe):
         with window_forward(cpu, ctx) as h:
             ref = cpu.runner.model.compute_logits(h[-1:])[0].float()
         worst[prefill] = max(worst[prefill], ((logits - ref).abs().max() / ref.abs().max()).item())
-    assert worst[True] <= 0.03, worst
+    assert worst[True] <= (0.03 if recipe == "int8-sq" else 0.08), worst
     assert worst[False] <= (0.03 if recipe == "int8-sq" else 0.10), worst

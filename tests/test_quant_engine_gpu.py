@@ -23,9 +23,11 @@ import torch
 from kiln.build.builder import build_engine
 from kiln.engine.core import EngineCore, EngineOptions
 from kiln.engine.request import Request
+from kiln.errors import EngineLoadError
 from kiln.quant.build import QuantOptions
 from kiln.quant.perplexity import window_forward
 from kiln.sampling_params import SamplingParams
+from test_model_parity import run_capturing
 from tiny_models import VOCAB, make_hf_dir
 
 DEVICE = os.environ.get("KILN_TEST_DEVICE", "cpu")
@@ -41,18 +43,16 @@ def test_gpu_paths_match_the_cpu_reference(tmp_path, recipe):
                         accuracy_gate=False, kv_cache="fp8")
     engine = build_engine(str(tmp_path / "hf"), tmp_path / "e", dtype="float16", max_seq_len=128, max_batch_size=8,
                           max_num_tokens=256, block_size=8, progress=False, quant=opts)
+    if torch.cuda.get_device_capability() < (8, 9):  # fp8 codes need sm_89+: the load says so in one line
+        with pytest.raises(EngineLoadError, match="compute capability >= 8.9"):
+            EngineCore(engine, EngineOptions(device=DEVICE, kv_cache_memory=8 << 20))
+        return
     gpu = EngineCore(engine, EngineOptions(device=DEVICE, kv_cache_memory=8 << 20))
     assert gpu.manifest.quant_scheme.rotate == 16 and gpu.runner.kv_caches.dtype == torch.float8_e4m3fn
-    gpu.runner.capture_logits = True
     reqs = [Request(f"r{i}", [rng.randrange(3, VOCAB) for _ in range(n)],
                     SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)) for i, n in enumerate([9, 21, 30])]
-    for r in reqs:
-        gpu.add_request(r)
-    seen = []
-    while gpu.has_unfinished():
-        for i, ev in enumerate(gpu.step()):
-            ctx = ev.request.all_token_ids[:-1]
-            seen.append((ctx, len(ctx) == len(ev.request.prompt_token_ids), gpu.runner.last_logits[i].float().cpu()))
+    seen = [(ctx, len(ctx) == len(r.prompt_token_ids), logits.float())
+            for r, ctx, logits in run_capturing(gpu, reqs)]
     assert len(seen) == 36 and sum(p for _, p, _ in seen) == 3
     cpu = EngineCore(engine, EngineOptions(device="cpu", kv_cache_memory=8 << 20))
     worst = {True: 0.0, False: 0.0}

@@ -113,7 +113,8 @@ def quant_options(args: argparse.Namespace):
     return QuantOptions(
         recipe=args.quant, calib_data=args.calib_data, calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len, smoothquant_alpha=args.smoothquant_alpha,
-        fp8_activations=args.fp8_activations, rotation=not args.no_rotation, kv_cache=args.kv_cache_dtype, accuracy_gate=not args.no_accuracy_gate,
+        fp8_activations=args.fp8_activations, rotation=not args.no_rotation, kv_cache=args.kv_cache_dtype,
+        accuracy_gate=not args.no_accuracy_gate,
         max_ppl_increase=args.max_ppl_increase, eval_data=args.eval_data, eval_seq_len=args.eval_seq_len,
         eval_tokens=args.eval_tokens)
 

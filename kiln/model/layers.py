@@ -91,7 +91,8 @@ class GatedMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, quant: QuantScheme | None = None):
         super().__init__()
         self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, quant)
-        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, quant, rotated_input=True)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, quant,
+                                     rotated_input=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_mul(self.gate_up_proj(x)))

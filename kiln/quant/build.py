@@ -163,17 +163,44 @@ def _release(core) -> None:
         torch.cuda.empty_cache()
 
 
+def _quantize_weights(engine_dir: Path, manifest, scheme: QuantScheme, opts: QuantOptions, stats, samples,
+                      device: str, progress: bool, calibration: dict | None) -> tuple[list[dict], dict]:
+    """Replace the engine's float weights by the quantized layout (SmoothQuant folds and rotations
+    included); returns (the manifest's weights entry, its `quant` record before the gate)."""
+    from kiln.build.builder import write_weights
+    from kiln.engine_dir import WEIGHTS_NAME, load_weights
+    from kiln.model.layout import runtime_layout
+    from kiln.quant.quantize import quant_record, quantized_tensors
+
+    tensors = load_weights(manifest, "cpu")
+    alpha = opts.smoothquant_alpha
+    alphas = None
+    if scheme.recipe == "int8-sq" and alpha == "auto":
+        from kiln.quant.smooth import search_alphas
+
+        alphas = alpha = search_alphas(tensors, manifest.model, stats, samples, device, scheme.rotate)
+    tmp_weights = engine_dir / (WEIGHTS_NAME + ".quantized")
+    entry = write_weights(tmp_weights, runtime_layout(manifest.model, scheme), manifest.dtype,
+                          (t for _, t in quantized_tensors(tensors, manifest.model, scheme, manifest.dtype,
+                                                           stats, alpha, device)),
+                          progress, f"quantizing ({opts.recipe})")
+    del tensors
+    gc.collect()
+    os.replace(tmp_weights, engine_dir / WEIGHTS_NAME)
+    entry["file"] = WEIGHTS_NAME
+    record = quant_record(scheme, opts.smoothquant_alpha if scheme.recipe == "int8-sq" else None, calibration,
+                          alphas)
+    return [entry], record
+
+
 def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", progress: bool = True) -> dict:
     """Quantize the unquantized engine at `engine_dir` in place (see the module docstring); returns
     the manifest's `quant` entry. Raises BuildError when the accuracy gate fails."""
-    from kiln.engine_dir import WEIGHTS_NAME, load_weights, read_manifest, write_manifest
+    from kiln.engine_dir import read_manifest, write_manifest
     from kiln.quant.calibrate import CALIBRATION_NAME, KV_STATS, activation_absmax, save_stats
     from kiln.quant.kv_cache import kv_record
     from kiln.quant.perplexity import perplexity
-    from kiln.quant.quantize import quant_record, quantized_tensors
     from kiln.tokenizer import Tokenizer
-    from kiln.build.builder import write_weights
-    from kiln.model.layout import runtime_layout
 
     opts.check()
     manifest = read_manifest(engine_dir)
@@ -183,8 +210,7 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
     if no_rotation:
         print(f"kiln: no Hadamard rotations: {no_rotation}", file=sys.stderr)
     scheme = dataclasses.replace(opts.scheme, rotate=block) if opts.scheme is not None else None
-    label = " + ".join(x for x in (opts.recipe if scheme else "", "fp8 KV cache" if opts.kv_cache == "fp8" else "")
-                       if x)
+    label = " + ".join(([opts.recipe] if scheme else []) + (["fp8 KV cache"] if opts.kv_cache == "fp8" else []))
     tokenizer = Tokenizer(str(manifest.tokenizer_path), manifest.chat_template, manifest.special_tokens,
                           manifest.eos_token_ids)
     max_len = manifest.profile.max_seq_len
@@ -231,26 +257,9 @@ def quantize_engine(engine_dir: Path, opts: QuantOptions, device: str = "cpu", p
 
     raw = manifest.to_dict()
     if scheme is not None:
-        tensors = load_weights(manifest, "cpu")
-        alpha = opts.smoothquant_alpha
-        alphas = None
-        if auto:
-            from kiln.quant.smooth import search_alphas
-
-            alphas = alpha = search_alphas(tensors, manifest.model, stats, samples, device, scheme.rotate)
-            del samples
-        tmp_weights = engine_dir / (WEIGHTS_NAME + ".quantized")
-        entry = write_weights(tmp_weights, runtime_layout(manifest.model, scheme), manifest.dtype,
-                              (t for _, t in quantized_tensors(tensors, manifest.model, scheme, manifest.dtype,
-                                                               stats, alpha, device)),
-                              progress, f"quantizing ({opts.recipe})")
-        del tensors
-        gc.collect()
-        os.replace(tmp_weights, engine_dir / WEIGHTS_NAME)
-        entry["file"] = WEIGHTS_NAME
-        raw["weights"] = [entry]
-        record = quant_record(scheme, opts.smoothquant_alpha if scheme.recipe == "int8-sq" else None, calibration,
-                              alphas)
+        raw["weights"], record = _quantize_weights(engine_dir, manifest, scheme, opts, stats, samples, device,
+                                                   progress, calibration)
+        del samples
         if no_rotation:
             record["rotation"] = {"block": 0, "not_applied": no_rotation}
     else:

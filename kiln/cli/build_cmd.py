@@ -83,7 +83,7 @@ def add_quant_options(p: argparse.ArgumentParser) -> None:
                         "GPUs of compute capability >= 8.9, or the CPU); works with every --quant and is "
                         "gated like it. auto: the engine dtype (default)")
     g.add_argument("--no-rotation", action="store_true",
-                   help="int8-sq and dynamic fp8: do not rotate down_proj's and o_proj's inputs by a block "
+                   help="int8-sq: do not rotate down_proj's and o_proj's inputs by a block "
                         "Hadamard before quantizing them (rotations spread outlier channels; on by default)")
     g.add_argument("--max-ppl-increase", type=float, default=d.max_ppl_increase, metavar="PCT",
                    help="accuracy gate: most perplexity increase allowed, in percent (default %(default)s)")

@@ -43,7 +43,7 @@ class QuantOptions:
     calib_seq_len: int = 512
     smoothquant_alpha: float | str = 0.5  # or "auto": chosen per linear layer (kiln.quant.smooth)
     fp8_activations: str = "dynamic"
-    rotation: bool = True  # Hadamard rotations of down_proj / o_proj inputs (int8-sq, dynamic fp8)
+    rotation: bool = True  # int8-sq: Hadamard rotations of down_proj / o_proj inputs (kiln.quant.rotate)
     kv_cache: str = "auto"  # "fp8": E4M3 KV cache with calibrated per-layer scales (kiln.quant.kv_cache)
     accuracy_gate: bool = True
     max_ppl_increase: float = 1.0  # percent
@@ -89,11 +89,11 @@ class QuantOptions:
 
 def rotation_block(scheme: QuantScheme | None, cfg, wanted: bool) -> tuple[int, str | None]:
     """(Hadamard block or 0, why none where one was wanted) for a recipe on a model: rotations serve
-    per-token activation quantization (int8-sq, dynamic fp8); static fp8 scales are calibrated on
-    unrotated inputs, and weight-only recipes have nothing to rotate for."""
+    int8 per-token activation quantization (int8-sq); fp8 does not gain from them (kiln.quant.rotate),
+    and weight-only recipes have nothing to rotate for."""
     from kiln.quant.rotate import rotation_block_for
 
-    if not wanted or scheme is None or scheme.act_quant is None or scheme.static_act_scale:
+    if not wanted or scheme is None or scheme.act_quant != "int8":
         return 0, None
     return rotation_block_for(cfg)
 

@@ -106,8 +106,7 @@ def quant_record(scheme: QuantScheme, alpha: float | str | None, calibration: di
             "mlp.down_proj": "input rotated at run time; weight columns rotated by the build",
             "attn.o_proj": "folded: each head's v rows of attn.qkv_proj (and bias) and o_proj's columns rotated "
                            "by the build (values are cached rotated)",
-            "order": "after the SmoothQuant folds, before weight quantization" if scheme.recipe == "int8-sq"
-                     else "before weight quantization"}
+            "order": "after the SmoothQuant folds, before weight quantization"}
     if calibration is not None:
         rec["calibration"] = calibration
     return rec

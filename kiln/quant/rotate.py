@@ -1,4 +1,4 @@
-"""Hadamard rotations before activation quantization (int8-sq, dynamic fp8).
+"""Hadamard rotations before int8 activation quantization (int8-sq).
 
 A per-token quantizer gives a whole row one scale, so a few outlier channels in a token leave the
 other channels with a few codes each. Rotating the row by an orthogonal matrix H spreads each
@@ -12,6 +12,9 @@ int8 on down_proj's input costs most of SmoothQuant's perplexity loss, o_proj's 
 - o_proj: its input is a weighted sum of value vectors, so the rotation folds into the weights
   and costs nothing at run time: each head's v rows of qkv_proj (and bias) become H^T @ rows, the
   values (and the KV cache) are stored rotated, and o_proj's columns are rotated per head.
+
+fp8 does not rotate: E4M3 keeps the same relative precision over its whole range, so outliers cost
+it little, and on the default model rotations made dynamic fp8 worse (+3.78% against +3.22%).
 
 Both are applied after SmoothQuant's folds (kiln.quant.smooth), to the smoothed float weights,
 before the per-channel weight quantization.
